@@ -1,0 +1,90 @@
+"""MATE training step vs. the DSN step on the same multi-exit ResNet-18 (CIFAR-shaped batch).
+
+Both steps run the same network, optimizer and data; they differ only in the loss (MATE adds
+K ensemble teachers, K^2 distillation terms and trainable teacher weights). Steps alternate,
+so drift in machine speed hits both alike. Target: MATE / DSN <= 1.05.
+
+    python bench/bench_step.py [--batch-size 128] [--repeats 7] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from trainer.config import LossConfig, ModelConfig
+from trainer.losses import init_teacher_logits, multi_exit_loss
+from trainer.models import create_model
+
+
+def make_step(kind: str, model: nn.Module, num_exits: int, device: torch.device):
+    cfg = LossConfig(kind=kind)
+    teacher = None
+    params = list(model.parameters())
+    if kind == "mate":
+        teacher = nn.Parameter(init_teacher_logits(num_exits, cfg.teacher_init).to(device))
+        params.append(teacher)
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step(inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        out = model(inputs)
+        loss = multi_exit_loss(cfg, out.logits, out.features, labels, teacher)
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optimizer.step()
+
+    return step
+
+
+def timed(step, inputs, labels, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step(inputs, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="resnet18", exits=[2, 4, 6, 8])
+    model = create_model(model_cfg, num_classes=100, in_channels=3, image_size=32).to(device)
+    inputs = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 100, (args.batch_size,), device=device)
+    steps = {kind: make_step(kind, model, len(model_cfg.exits), device) for kind in ("dsn", "mate")}
+
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step(inputs, labels)
+    times: dict[str, list[float]] = {kind: [] for kind in steps}
+    for _ in range(args.repeats):
+        for kind, step in steps.items():
+            times[kind].append(timed(step, inputs, labels, device))
+
+    medians = {kind: statistics.median(t) for kind, t in times.items()}
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()}, device {device}, "
+        f"threads {torch.get_num_threads()}, resnet18 exits {model_cfg.exits}, "
+        f"batch {args.batch_size}, median of {args.repeats}"
+    )
+    for kind, median in medians.items():
+        print(f"  {kind:5s} step  {median * 1000:9.1f} ms")
+    print(f"  MATE / DSN step time: {medians['mate'] / medians['dsn']:.3f}x (target <= 1.05x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Promote: best finished trial -> final training job -> registered model alias `champion`.
+
+The final job re-runs the best trial's config on train+val (no validation split, so the
+engine evaluates on the test split: ``test/...`` metrics) with the full schedule, and is
+logged as a run in the sweep's experiment, linked to the sweep's parent run and to the
+trial's run by tags.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlflow
+import mlflow.pytorch
+import torch
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+from orchestrator.report import best_trial, load_study
+from orchestrator.space import decode_params
+from orchestrator.sweep import SweepRecord
+from orchestrator.tracking import SWEEP_TAG, TRIAL_NUMBER_TAG, flatten, now_ms
+from trainer import metrics as M
+from trainer.config import ConfigError, JobConfig, apply_overrides
+from trainer.engine import Job, build_job, fit, model_metrics, save_checkpoint
+
+__all__ = ["CHAMPION_ALIAS", "Promotion", "final_job_config", "promote"]
+
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    run_id: str
+    trial_number: int
+    metrics: dict[str, float]
+    model_name: str | None
+    model_version: str | None
+
+
+def final_job_config(record: SweepRecord, epochs: int | None) -> tuple[JobConfig, int]:
+    """The best trial's job on train+val with the full schedule, and the trial's number."""
+    spec = record.spec()
+    best = best_trial(load_study(record))
+    if best is None:
+        raise ConfigError(f"sweep {record.name!r} has no finished trial to promote yet")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs is {epochs}, but must be >= 1")
+    job = spec.job_for(decode_params(spec, best.params))
+    final = {"dataset.val_fraction": 0.0, "train.epochs": epochs or spec.base.train.epochs}
+    return apply_overrides(job, final, source="promote"), best.number
+
+
+def _trial_run_id(client: MlflowClient, record: SweepRecord, number: int) -> str | None:
+    runs = client.search_runs(
+        [record.experiment_id],
+        filter_string=f"tags.{SWEEP_TAG} = '{record.name}' "
+        f"and tags.{TRIAL_NUMBER_TAG} = '{number}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def promote(
+    record: SweepRecord,
+    *,
+    epochs: int | None = None,
+    register: str | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> Promotion:
+    """Train the final job, log it and (with `register`) register it as `champion`."""
+    cfg, number = final_job_config(record, epochs)
+    job = build_job(cfg)
+    client = MlflowClient(record.tracking_uri)
+    tags = {
+        MLFLOW_RUN_NAME: f"{record.name}-final",
+        SWEEP_TAG: record.name,
+        "promoted_from_trial": str(number),
+        "sweep_run_id": record.parent_run_id,
+    }
+    if (trial_run := _trial_run_id(client, record, number)) is not None:
+        tags["promoted_from_run_id"] = trial_run
+    run_id = client.create_run(record.experiment_id, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flatten(cfg.to_dict()).items()])
+
+    def log_epoch(metrics: dict[str, float]) -> None:
+        step = int(metrics[M.EPOCH])
+        batch = [Metric(k, float(v), now_ms(), step) for k, v in metrics.items() if k != M.EPOCH]
+        client.log_batch(run_id, metrics=batch)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    try:
+        final = fit(job, on_epoch=log_epoch) | model_metrics(job)
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.log_batch(
+        run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in model_metrics(job).items()]
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(job, directory)
+        client.log_artifacts(run_id, directory, artifact_path="checkpoint")
+    version = _log_model(record, run_id, job, register)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return Promotion(run_id, number, final, register, version)
+
+
+def _log_model(record: SweepRecord, run_id: str, job: Job, register: str | None) -> str | None:
+    """Log the trained network as an MLflow PyTorch model; register it and set the alias."""
+    mlflow.set_tracking_uri(record.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            job.model.cpu().eval(),
+            name="model",
+            registered_model_name=register,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mate-orchestrator"],
+        )
+    if register is None:
+        return None
+    version = str(info.registered_model_version)
+    MlflowClient(record.tracking_uri).set_registered_model_alias(register, CHAMPION_ALIAS, version)
+    return version

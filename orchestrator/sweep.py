@@ -1,0 +1,230 @@
+"""A sweep: Ray Tune runs the trials, an Optuna study decides, MLflow records.
+
+Everything a sweep needs to be resumed, inspected or promoted later is written to
+``<storage>/<name>/sweep.json`` next to Tune's experiment state, the Optuna study
+(``optuna.db`` unless a server URL is given) and a copy of the space file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import torch
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
+from orchestrator.cluster import init_ray
+from orchestrator.optuna_search import OptunaPruningScheduler, OptunaSearcher, open_study
+from orchestrator.space import SpaceSpec, load_space, sweep_params
+from orchestrator.tracking import (
+    SWEEP_TAG,
+    MlflowTrackingCallback,
+    ensure_experiment,
+    resolve_tracking_uri,
+)
+from trainer.config import ConfigError
+from trainer.trainable import train_job
+
+__all__ = ["SweepRecord", "launch", "resume", "sweep_name_for"]
+
+RECORD_FILE = "sweep.json"
+SPACE_COPY = "space.yaml"
+DEFAULT_STORAGE = "sweeps"
+MAX_FAILURES = 2  # retries of a crashed trial, each from its last checkpoint
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What `resume`, `status` and `promote` need to find a sweep again."""
+
+    name: str
+    storage_path: str  # Ray Tune storage root (absolute); the sweep lives in storage/name
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    study_storage: str  # Optuna RDB URL
+    gpus: int
+    address: str | None
+    max_concurrent: int | None
+    num_samples: int
+    created: str
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    @property
+    def space_file(self) -> Path:
+        return self.directory / SPACE_COPY
+
+    def save(self) -> None:
+        (self.directory / RECORD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, name: str, storage_path: str | Path = DEFAULT_STORAGE) -> SweepRecord:
+        path = Path(storage_path).resolve() / name / RECORD_FILE
+        if not path.is_file():
+            known = sorted(p.parent.name for p in Path(storage_path).glob(f"*/{RECORD_FILE}"))
+            hint = f"; known sweeps: {', '.join(known)}" if known else ""
+            raise ConfigError(f"no sweep named {name!r} under {storage_path}{hint}")
+        return cls(**json.loads(path.read_text()))
+
+    def spec(self) -> SpaceSpec:
+        return load_space(self.space_file)
+
+
+def sweep_name_for(space_file: str | Path) -> str:
+    return f"{Path(space_file).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def local_gpu_count() -> int:
+    return torch.cuda.device_count()
+
+
+def check_gpus(gpus: int, available: int, where: str) -> None:
+    if gpus < 0:
+        raise ConfigError(f"--gpus is {gpus}, but must be >= 0")
+    if gpus > available:
+        raise ConfigError(f"--gpus is {gpus}, but {where} has {available} GPU(s)")
+
+
+def trial_resources(spec: SpaceSpec, gpus: int) -> dict[str, float]:
+    """Per-trial resources; with no GPUs granted, trials run on CPUs."""
+    res = spec.search.resources
+    return {"cpu": res.cpu, "gpu": res.gpu if gpus > 0 else 0.0}
+
+
+def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int | None:
+    """Bound on trials at once: the user's, and what `--gpus` allows on a shared cluster."""
+    limits = [record.max_concurrent] if record.max_concurrent else []
+    gpu = trial_resources(spec, record.gpus)["gpu"]
+    if gpu > 0:
+        limits.append(max(1, int(record.gpus / gpu)))
+    return min(limits) if limits else None
+
+
+def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback]) -> tune.Tuner:
+    searcher = OptunaSearcher(spec, record.study_storage, record.name)
+    limit = concurrency_limit(spec, record)
+    tracking = MlflowTrackingCallback(
+        record.tracking_uri,
+        record.experiment_id,
+        record.parent_run_id,
+        record.name,
+        spec.search.metric,
+        spec.search.mode,
+        (record.study_storage, record.name),
+    )
+    return tune.Tuner(
+        tune.with_resources(train_job, trial_resources(spec, record.gpus)),
+        param_space={"job": spec.job_for({}).to_dict()},
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, limit) if limit else searcher,
+            scheduler=OptunaPruningScheduler(searcher),
+            num_samples=record.num_samples,
+            time_budget_s=spec.search.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=record.name,
+            storage_path=record.storage_path,
+            callbacks=[tracking, *callbacks],
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+        ),
+    )
+
+
+def prepare(
+    spec: SpaceSpec,
+    *,
+    name: str,
+    storage_path: str | Path = DEFAULT_STORAGE,
+    tracking_uri: str | None = None,
+    study_storage: str | None = None,
+    gpus: int | None = None,
+    address: str | None = None,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+) -> SweepRecord:
+    """Check the request and join/start Ray; raises ConfigError before recording anything."""
+    storage = Path(storage_path).resolve()
+    if (storage / name / RECORD_FILE).exists():
+        raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--num-samples is {num_samples}, but must be >= 1")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent is {max_concurrent}, but must be >= 1")
+    if address is None:
+        gpus = local_gpu_count() if gpus is None else gpus
+        check_gpus(gpus, local_gpu_count(), "this machine")
+        init_ray(num_gpus=gpus)
+    else:
+        init_ray(address)
+        available = int(ray.cluster_resources().get("GPU", 0))
+        gpus = available if gpus is None else gpus
+        check_gpus(gpus, available, f"the cluster at {address}")
+    return SweepRecord(
+        name=name,
+        storage_path=str(storage),
+        tracking_uri=resolve_tracking_uri(tracking_uri),
+        experiment_id="",
+        parent_run_id="",
+        study_storage=study_storage or f"sqlite:///{storage / name / 'optuna.db'}",
+        gpus=gpus,
+        address=address,
+        max_concurrent=max_concurrent or spec.search.max_concurrent,
+        num_samples=num_samples or spec.search.num_samples,
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def launch(
+    spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback] = ()
+) -> tune.ResultGrid:
+    """Create the study and the parent run, record the sweep, run it to the end."""
+    record.directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec.source, record.space_file)
+    open_study(spec, record.study_storage, record.name)
+    client = MlflowClient(record.tracking_uri)
+    experiment_id = ensure_experiment(client, record.name, record.tracking_uri)
+    parent = client.create_run(
+        experiment_id, run_name=record.name, tags={SWEEP_TAG: record.name}
+    ).info.run_id
+    settings = sweep_params(spec) | {
+        "sweep.num_samples": str(record.num_samples),
+        "sweep.gpus": str(record.gpus),
+        "sweep.address": str(record.address),
+        "sweep.max_concurrent": str(record.max_concurrent),
+    }
+    client.log_batch(parent, params=[Param(k, v) for k, v in settings.items()])
+    client.log_artifact(parent, str(record.space_file))
+    record = SweepRecord(
+        **{**asdict(record), "experiment_id": experiment_id, "parent_run_id": parent}
+    )
+    record.save()
+    return _tuner(spec, record, list(callbacks)).fit()
+
+
+def resume(record: SweepRecord) -> tune.ResultGrid:
+    """Continue an interrupted sweep where Tune's experiment state left it (the callbacks
+    given at launch come back with it)."""
+    spec = record.spec()
+    init_ray(record.address, num_gpus=None if record.address else record.gpus)
+    if not tune.Tuner.can_restore(str(record.directory)):
+        raise ConfigError(
+            f"sweep {record.name!r} has no Tune state to resume in {record.directory}"
+        )
+    tuner = tune.Tuner.restore(
+        str(record.directory),
+        trainable=tune.with_resources(train_job, trial_resources(spec, record.gpus)),
+        resume_unfinished=True,
+    )
+    return tuner.fit()

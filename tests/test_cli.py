@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from trainer import metrics as M
+
+TINY = """
+dataset: {name: digits, val_fraction: 0.2}
+model: {arch: convnet, exits: [2, 4]}
+optim: {lr: 0.05}
+train: {epochs: 2, batch_size: 128}
+"""
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def write(tmp_path, text, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_train_writes_metrics_and_checkpoint(runner, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["train", "--config", write(tmp_path, TINY), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(M.epoch_metric_names(2)) <= set(metrics)
+    assert metrics[M.exit_gflops(1)] < metrics[M.exit_gflops(2)]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+    assert state["config"]["model"]["exits"] == [2, 4]
+    assert "exit" in result.output and "ensemble" in result.output
+
+
+def test_validate_accepts_good_config(runner, tmp_path):
+    result = runner.invoke(main, ["validate", write(tmp_path, TINY)])
+    assert result.exit_code == 0
+    assert "valid job config (mate, convnet with exits [2, 4], digits)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("loss: {primary_weight: 1.4}\n", "`loss.primary_weight` is 1.4, but input should be"),
+        ("loss: {colour: red}\n", "unknown key `loss.colour`"),
+        ("model: {exits: [3, 1]}\n", "`model.exits` is [3, 1], but must be strictly ascending"),
+        ("loss: [\n", "not valid YAML"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_bad_config_exits_2_with_one_line(runner, tmp_path, command, text, message):
+    path = write(tmp_path, text)
+    args = [command, path] if command == "validate" else [command, "--config", path]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert message in result.output
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_train_missing_cifar_exits_2_naming_the_path(runner, tmp_path):
+    config = write(tmp_path, f"dataset: {{name: cifar100, root: {tmp_path / 'data'}}}\n")
+    result = runner.invoke(main, ["train", "--config", config, "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert str(tmp_path / "data") in result.output
+    assert "download" in result.output
+    assert not (tmp_path / "o").exists()

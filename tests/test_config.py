@@ -1,0 +1,91 @@
+import pytest
+
+from trainer.config import (
+    ConfigError,
+    JobConfig,
+    apply_overrides,
+    load_job_config,
+    parse_job_config,
+)
+
+
+def test_parse_defaults_resolve_kind_dependent_values():
+    cfg = parse_job_config({})
+    assert cfg.loss.kind == "mate"
+    assert cfg.loss.kd_weight == 0.5
+    assert cfg.model.exits == [1, 2, 3, 4]
+    assert parse_job_config({"loss": {"kind": "byot"}}).loss.kd_weight == 0.1
+    assert parse_job_config({"model": {"arch": "resnet18"}}).model.exits == [2, 4, 6, 8]
+    assert parse_job_config({"model": {"arch": "resnet50"}}).model.exits == [4, 8, 12, 16]
+
+
+def test_parse_round_trips_through_dict():
+    cfg = parse_job_config({"loss": {"dtd": {"t0": 5.0}}, "train": {"epochs": 3}})
+    assert parse_job_config(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"loss": {"primary_weight": 1.4}}, "`loss.primary_weight` is 1.4, but input should be"),
+        ({"loss": {"temperature": 0}}, "`loss.temperature` is 0, but input should be greater"),
+        ({"loss": {"kind": "kd"}}, "`loss.kind` is 'kd', but input should be 'mate'"),
+        ({"loss": {"foo": 1}}, "unknown key `loss.foo`"),
+        ({"optimizer": {}}, "unknown key `optimizer`"),
+        ({"loss": {"dtd": {"weighting": "x"}}}, "`loss.dtd.weighting` is 'x'"),
+        ({"train": {"epochs": "many"}}, "`train.epochs` is 'many', but input should be"),
+        ({"train": {"device": "tpu"}}, "`train.device` is 'tpu'"),
+        ({"dataset": {"val_fraction": 1.0}}, "`dataset.val_fraction` is 1.0, but input should"),
+        ({"model": {"exits": [2, 1, 4]}}, "`model.exits` is [2, 1, 4], but must be strictly"),
+        ({"model": {"exits": [1, 2]}}, "must end with the last block of convnet (4)"),
+        ({"model": {"arch": "resnet18", "exits": [0, 8]}}, "resnet18 has blocks 1..8"),
+        ({"model": {"exits": []}}, "must list at least the last block"),
+    ],
+)
+def test_parse_rejects_bad_value_naming_dotted_key(data, message):
+    with pytest.raises(ConfigError, match="^job.yaml: ") as err:
+        parse_job_config(data, source="job.yaml")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_parse_rejects_non_mapping():
+    with pytest.raises(ConfigError, match="expected a mapping of sections, got list"):
+        parse_job_config([1, 2], source="x.yaml")
+
+
+def test_load_reports_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_job_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: {kind: mate\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line \d+\)"):
+        load_job_config(bad)
+
+
+def test_apply_overrides_sets_dotted_keys_and_revalidates():
+    base = parse_job_config({"loss": {"kind": "mate"}})
+    cfg = apply_overrides(base, {"loss.kind": "byot", "loss.dtd.t0": 5.0, "model.head_width": 2})
+    assert cfg.loss.kind == "byot"
+    assert cfg.loss.kd_weight == 0.1  # the new kind's default, not mate's
+    assert cfg.loss.dtd is not None and cfg.loss.dtd.t0 == 5.0
+    assert cfg.model.head_width == 2.0
+    assert base.loss.kind == "mate"  # frozen: the base is untouched
+
+
+def test_apply_overrides_keeps_explicit_values():
+    base = parse_job_config({"loss": {"kd_weight": 0.3}, "model": {"arch": "resnet18"}})
+    cfg = apply_overrides(base, {"loss.kind": "eed", "model.exits": [4, 8]})
+    assert cfg.loss.kd_weight == 0.3
+    assert cfg.model.exits == [4, 8]
+
+
+@pytest.mark.parametrize("key", ["loss.nope", "nope.x", "loss.kind.x", "loss.dtd.nope"])
+def test_apply_overrides_rejects_unknown_key(key):
+    with pytest.raises(ConfigError, match=f"space.yaml: unknown key `{key}`"):
+        apply_overrides(JobConfig(), {key: 1}, source="space.yaml")
+
+
+def test_apply_overrides_rejects_out_of_range_value():
+    with pytest.raises(ConfigError, match="`loss.kd_weight` is 2"):
+        apply_overrides(JobConfig(), {"loss.kd_weight": 2})

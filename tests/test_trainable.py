@@ -1,0 +1,50 @@
+import pytest
+from ray import tune
+
+from trainer import metrics as M
+from trainer.config import ConfigError, parse_job_config
+from trainer.trainable import job_config_from_trial, train_job
+
+TINY_JOB = parse_job_config(
+    {
+        "dataset": {"name": "digits", "val_fraction": 0.2},
+        "model": {"arch": "convnet", "exits": [2, 4]},
+        "optim": {"lr": 0.05},
+        "train": {"epochs": 2, "batch_size": 128},
+    }
+).to_dict()
+
+
+def test_job_config_from_trial_applies_overrides():
+    cfg = job_config_from_trial({"job": TINY_JOB, "overrides": {"loss.temperature": 5.0}})
+    assert cfg.loss.temperature == 5.0
+    assert cfg.model.exits == [2, 4]
+
+
+def test_job_config_from_trial_rejects_unknown_override():
+    with pytest.raises(ConfigError, match="trial config: unknown key `loss.temp`"):
+        job_config_from_trial({"job": TINY_JOB, "overrides": {"loss.temp": 5.0}})
+
+
+def test_train_job_under_tuner_reports_every_metric(local_ray, tmp_path):
+    tuner = tune.Tuner(
+        tune.with_resources(train_job, {"cpu": 1}),
+        param_space={
+            "job": TINY_JOB,
+            "overrides": {"loss.temperature": tune.grid_search([2.0, 4.0])},
+        },
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="trainable", verbose=0),
+    )
+    results = tuner.fit()
+    assert len(results) == 2
+    assert not results.errors
+    expected = set(M.epoch_metric_names(2)) | {M.exit_gflops(1), M.exit_gflops(2)}
+    for result in results:
+        assert expected <= set(result.metrics)
+        assert result.metrics["training_iteration"] == 2
+        assert result.metrics[M.EPOCH] == 2
+        assert result.checkpoint is not None
+        history = result.metrics_dataframe
+        assert list(history[M.EPOCH]) == [1, 2]
+        assert 0.0 <= result.metrics[M.exit_acc(2)] <= 1.0
+        assert result.metrics[M.exit_gflops(1)] < result.metrics[M.exit_gflops(2)]

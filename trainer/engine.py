@@ -1,0 +1,296 @@
+"""Fit / evaluate loops, checkpoints, per-exit and anytime metrics for one training job.
+
+Knows nothing of Ray or MLflow: callers pass an ``on_epoch`` callback that receives the
+epoch's metrics and can save a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import metrics as M
+from trainer.config import ConfigError, JobConfig, OptimConfig
+from trainer.data import DataSplits, DeviceLoader, ImageTensors, load_splits
+from trainer.losses import init_teacher_logits, multi_exit_loss
+from trainer.models import MultiExitNet, create_model, exit_gflops
+
+__all__ = [
+    "Job",
+    "NonFiniteLossError",
+    "build_job",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the job cannot continue."""
+
+
+@dataclass
+class Job:
+    """Everything one training run owns; `epoch` counts completed epochs."""
+
+    cfg: JobConfig
+    device: torch.device
+    data: DataSplits
+    model: MultiExitNet
+    teacher_logits: nn.Parameter | None  # [K, K] MATE teacher weights, None for other kinds
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # drives shuffling and augmentation
+    gflops: list[float]  # cumulative GFLOPs per sample to reach each exit
+    epoch: int = 0
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        precision = self.cfg.train.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.type == "cuda"
+
+    def loader(self, split: ImageTensors, *, train: bool) -> DeviceLoader:
+        return DeviceLoader(
+            split,
+            self.cfg.train.batch_size,
+            mean=self.data.mean,
+            std=self.data.std,
+            train=train,
+            pad=self.data.pad,
+            flip=self.data.flip,
+            generator=self.generator if train else None,
+            channels_last=self.channels_last,
+        )
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"`train.device` is {spec!r}, but no CUDA device is available")
+    return torch.device(spec)
+
+
+def lr_factor(cfg: OptimConfig, epochs: int, epoch: int) -> float:
+    """Multiplier of the base learning rate during `epoch` (0-based): warm-up, then schedule."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    if cfg.schedule == "cosine":
+        span = max(1, epochs - cfg.warmup_epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    if cfg.schedule == "multistep":
+        passed = sum(epoch >= round(m * epochs) for m in cfg.milestones)
+        return cfg.gamma**passed
+    return 1.0
+
+
+def _optimizer(cfg: OptimConfig, model: nn.Module, teacher: nn.Parameter | None):
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    if teacher is not None:  # own group: no weight decay, optionally its own learning rate
+        groups.append({"params": [teacher], "weight_decay": 0.0, "lr": cfg.teacher_lr or cfg.lr})
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_job(cfg: JobConfig, *, data: DataSplits | None = None) -> Job:
+    """Seed everything, load data onto the device, build model, teachers and optimizer."""
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = data or load_splits(cfg.dataset, device, seed=cfg.train.seed)
+    model = create_model(
+        cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+    )
+    gflops = exit_gflops(model, (data.in_channels, data.image_size, data.image_size))
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg.loss.kind == "mate":
+        init = init_teacher_logits(cfg.num_exits, cfg.loss.teacher_init)
+        teacher = nn.Parameter(init.to(device))
+    optimizer = _optimizer(cfg.optim, model, teacher)
+    epochs = cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(cfg.optim, epochs, e)
+    )
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.train.seed)
+    return Job(cfg, device, data, model, teacher, optimizer, scheduler, generator, gflops)
+
+
+def train_one_epoch(job: Job) -> dict[str, float]:
+    """One pass over the training split; returns `train/loss` and the epoch's `lr`."""
+    job.model.train()
+    lr = job.optimizer.param_groups[0]["lr"]
+    total = torch.zeros((), device=job.device)
+    seen = 0
+    for inputs, labels in job.loader(job.data.train, train=True):
+        with torch.autocast(job.device.type, job.autocast_dtype, enabled=bool(job.autocast_dtype)):
+            out = job.model(inputs)
+        loss = multi_exit_loss(job.cfg.loss, out.logits, out.features, labels, job.teacher_logits)
+        job.optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        job.optimizer.step()
+        total += loss.total.detach() * labels.numel()  # stays on device: no per-batch sync
+        seen += labels.numel()
+    job.scheduler.step()
+    job.epoch += 1
+    mean_loss = total.item() / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(
+            f"training loss is {mean_loss} in epoch {job.epoch}; lower optim.lr "
+            f"(now {job.cfg.optim.lr}) or loss.temperature, or use train.precision: fp32"
+        )
+    return {M.TRAIN_LOSS: mean_loss, M.LR: lr}
+
+
+@torch.no_grad()
+def predict(job: Job, split: ImageTensors) -> torch.Tensor:
+    """Logits of every exit on a whole split: [K, N, C] float32, in split order."""
+    job.model.eval()
+    chunks = []
+    for inputs, _ in job.loader(split, train=False):
+        with torch.autocast(job.device.type, job.autocast_dtype, enabled=bool(job.autocast_dtype)):
+            chunks.append(job.model(inputs).logits.float())
+    return torch.cat(chunks, dim=1)
+
+
+def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, float]:
+    """Per-exit accuracy and loss, ensemble and mean-exit accuracy, anytime metrics."""
+    logits = predict(job, split)  # [K, N, C]
+    labels = split.labels
+    num_exits = logits.shape[0]
+    probs = logits.softmax(dim=-1)
+    confidence, predicted = probs.max(dim=-1)  # [K, N]
+    correct = predicted == labels  # [K, N]
+    per_exit_acc = correct.float().mean(dim=1)  # [K]
+    per_exit_loss = F.cross_entropy(
+        logits.flatten(0, 1), labels.repeat(num_exits), reduction="none"
+    ).view(num_exits, -1)
+    ensemble_acc = (probs.mean(dim=0).argmax(dim=-1) == labels).float().mean()
+
+    gflops = torch.tensor(job.gflops, dtype=torch.float64, device=logits.device)
+    acc_curve, _, cost_curve = M.anytime_curve(confidence, correct, gflops, M.default_thresholds())
+    operating = torch.tensor([job.cfg.train.exit_threshold], device=logits.device)
+    op_acc, op_gflops, _ = M.anytime_curve(confidence, correct, gflops, operating)
+
+    values = torch.stack(
+        [
+            *per_exit_acc,
+            *per_exit_loss.mean(dim=1),
+            ensemble_acc,
+            per_exit_acc.mean(),
+            op_acc[0].float(),
+            op_gflops[0].float(),
+        ]
+    ).tolist()  # one device sync for all metrics
+    names = [
+        *(M.exit_acc(k) for k in range(1, num_exits + 1)),
+        *(M.exit_loss(k) for k in range(1, num_exits + 1)),
+        M.ENSEMBLE_ACC,
+        M.MEAN_EXIT_ACC,
+        M.ANYTIME_ACC,
+        M.ANYTIME_GFLOPS,
+    ]
+    result = dict(zip(names, values, strict=True))
+    result[M.ANYTIME_AUC] = M.anytime_auc(acc_curve.cpu(), cost_curve.cpu())
+    return {M.with_split(name, prefix): value for name, value in result.items()}
+
+
+def model_metrics(job: Job) -> dict[str, float]:
+    """Per-model constants: cumulative GFLOPs per sample to reach each exit."""
+    return {M.exit_gflops(k): g for k, g in enumerate(job.gflops, start=1)}
+
+
+def fit(job: Job, on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Train from `job.epoch` to `train.epochs`, evaluating on the validation split (the
+    test split when there is none) after each epoch; returns the last epoch's metrics."""
+    split, prefix = (job.data.val, "val") if job.data.val is not None else (job.data.test, "test")
+    result: dict[str, float] = {}
+    while job.epoch < job.cfg.train.epochs:
+        start = time.perf_counter()
+        train_metrics = train_one_epoch(job)
+        eval_metrics = evaluate(job, split, prefix)
+        if job.device.type == "cuda":
+            torch.cuda.synchronize(job.device)
+        result = {
+            M.EPOCH: job.epoch,
+            **train_metrics,
+            **eval_metrics,
+            M.EPOCH_TIME: time.perf_counter() - start,
+        }
+        if on_epoch is not None:
+            on_epoch(result)
+    return result
+
+
+def state_dict(job: Job) -> dict[str, Any]:
+    """Everything needed to continue exactly where the job stopped (tensors and plain data)."""
+    state: dict[str, Any] = {
+        "config": job.cfg.to_dict(),
+        "epoch": job.epoch,
+        "model": job.model.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scheduler": job.scheduler.state_dict(),
+        "generator": job.generator.get_state(),
+        "cpu_rng": torch.get_rng_state(),
+    }
+    if job.teacher_logits is not None:
+        state["teacher_logits"] = job.teacher_logits.detach()
+    if job.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(job.device)
+    return state
+
+
+def load_state_dict(job: Job, state: dict[str, Any]) -> None:
+    job.model.load_state_dict(state["model"])
+    if job.teacher_logits is not None:
+        job.teacher_logits.data.copy_(state["teacher_logits"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.generator.set_state(state["generator"])
+    torch.set_rng_state(state["cpu_rng"])
+    if "cuda_rng" in state and job.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], job.device)
+    job.epoch = state["epoch"]
+
+
+def save_checkpoint(job: Job, directory: str | Path) -> Path:
+    path = Path(directory) / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict(job), path)
+    return path
+
+
+def load_checkpoint(job: Job, directory: str | Path) -> None:
+    state = torch.load(
+        Path(directory) / CHECKPOINT_FILE, map_location=job.device, weights_only=True
+    )
+    load_state_dict(job, state)

@@ -1,0 +1,115 @@
+"""Metric names (the one place that defines them, DESIGN §4) and anytime evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ANYTIME_ACC",
+    "ANYTIME_AUC",
+    "ANYTIME_GFLOPS",
+    "ENSEMBLE_ACC",
+    "EPOCH",
+    "EPOCH_TIME",
+    "LR",
+    "MEAN_EXIT_ACC",
+    "TRAIN_LOSS",
+    "anytime_auc",
+    "anytime_curve",
+    "epoch_metric_names",
+    "exit_acc",
+    "exit_at_threshold",
+    "exit_gflops",
+    "exit_loss",
+]
+
+EPOCH = "epoch"
+TRAIN_LOSS = "train/loss"
+LR = "lr"
+EPOCH_TIME = "epoch_time_s"
+ENSEMBLE_ACC = "val/ensemble/acc"
+MEAN_EXIT_ACC = "val/mean_exit_acc"
+ANYTIME_AUC = "val/anytime_auc"
+ANYTIME_ACC = "val/anytime_acc"
+ANYTIME_GFLOPS = "val/anytime_gflops"
+
+
+def exit_acc(k: int, split: str = "val") -> str:
+    return f"{split}/exit{k}/acc"
+
+
+def exit_loss(k: int, split: str = "val") -> str:
+    return f"{split}/exit{k}/loss"
+
+
+def exit_gflops(k: int) -> str:
+    return f"exit{k}/gflops"
+
+
+def with_split(name: str, split: str) -> str:
+    """`val/...` metric name moved to another split (``test`` for the promoted job)."""
+    return name.replace("val/", f"{split}/", 1)
+
+
+def epoch_metric_names(num_exits: int) -> list[str]:
+    """Every metric a training job reports each epoch."""
+    per_exit = [f(k) for k in range(1, num_exits + 1) for f in (exit_acc, exit_loss)]
+    return [
+        EPOCH,
+        TRAIN_LOSS,
+        LR,
+        *per_exit,
+        ENSEMBLE_ACC,
+        MEAN_EXIT_ACC,
+        ANYTIME_AUC,
+        ANYTIME_ACC,
+        ANYTIME_GFLOPS,
+        EPOCH_TIME,
+    ]
+
+
+def exit_at_threshold(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Index of the exit each sample leaves at, per threshold.
+
+    confidence: [K, N] max softmax per exit; thresholds: [T]. Returns [T, N] long: the first
+    exit whose confidence reaches the threshold, or the last exit if none does.
+    """
+    leaves = confidence.unsqueeze(0) >= thresholds.view(-1, 1, 1)  # [T, K, N]
+    leaves[:, -1] = True
+    return leaves.int().argmax(dim=1)  # argmax returns the first maximal index
+
+
+def anytime_curve(
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    cumulative_gflops: torch.Tensor,
+    thresholds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accuracy and cost of confidence-based early exiting.
+
+    confidence, correct: [K, N]; cumulative_gflops: [K]. Returns (accuracy [T],
+    mean GFLOPs per sample [T], cost relative to the full network [T]).
+    """
+    exit_index = exit_at_threshold(confidence, thresholds)  # [T, N]
+    hit = correct.float().gather(0, exit_index).mean(dim=1)  # gather along K per threshold
+    gflops = cumulative_gflops.to(confidence.device)[exit_index].mean(dim=1)
+    return hit, gflops, gflops / cumulative_gflops[-1]
+
+
+def anytime_auc(accuracy: torch.Tensor, relative_cost: torch.Tensor) -> float:
+    """Area under the best-accuracy-within-budget curve over relative cost in [0, 1].
+
+    Below the cheapest operating point nothing can be predicted (accuracy 0); between points
+    the curve is the running maximum, linearly interpolated; it stays flat up to cost 1.
+    1.0 would mean perfect accuracy at zero cost.
+    """
+    order = torch.argsort(relative_cost)
+    cost = relative_cost[order].double().clamp(0.0, 1.0)
+    acc = torch.cummax(accuracy[order].double(), dim=0).values
+    area = torch.trapezoid(acc, cost) + acc[-1] * (1.0 - cost[-1])
+    return float(area)
+
+
+def default_thresholds(steps: int = 101) -> torch.Tensor:
+    """Thresholds from 0 (everyone leaves at exit 1) to just above 1 (everyone reaches K)."""
+    return torch.cat([torch.linspace(0.0, 1.0, steps), torch.tensor([1.0 + 1e-6])])

@@ -1,0 +1,75 @@
+"""The multi-exit network: a backbone with an exit head after each block in `model.exits`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from trainer.config import BLOCKS_PER_ARCH, ModelConfig
+from trainer.models.heads import ExitHead, build_exit_head
+from trainer.models.layers import StemKind
+from trainer.models.registry import BACKBONES, Backbone
+
+
+class MultiExitOutput(NamedTuple):
+    logits: torch.Tensor  # [K, B, num_classes], shallowest exit first
+    features: torch.Tensor  # [K, B, D] pooled features, D = channels of the last block
+
+
+class MultiExitNet(nn.Module):
+    """Runs the stem and every block once, reading out an exit after each block in `exits`."""
+
+    def __init__(
+        self, backbone: Backbone, exits: Sequence[int], *, num_classes: int, head_width: float
+    ) -> None:
+        super().__init__()
+        assert exits and exits[-1] == len(backbone.blocks), "the last exit is the last block"
+        self.backbone = backbone
+        self.exits = list(exits)  # 1-based block indices, ascending
+        self.num_exits = len(self.exits)
+        self.feature_dim = backbone.block_channels[-1]
+        self.heads = nn.ModuleList(
+            build_exit_head(backbone, b, num_classes=num_classes, head_width=head_width)
+            for b in self.exits
+        )
+        self._head_index = {b: k for k, b in enumerate(self.exits)}
+
+    def stages(self) -> Iterator[tuple[nn.Module, ExitHead | None]]:
+        """Each block in order, with the exit head read out after it (None where there is none)."""
+        for index, block in enumerate(self.backbone.blocks, start=1):
+            k = self._head_index.get(index)
+            yield block, None if k is None else self.heads[k]
+
+    def forward(self, x: torch.Tensor) -> MultiExitOutput:
+        """x: [B, C_in, H, W] (any memory format) -> logits [K, B, classes], features [K, B, D]."""
+        h = self.backbone.stem(x)
+        logits, features = [], []
+        for block, head in self.stages():
+            h = block(h)
+            if head is not None:
+                z, f = head(h)
+                logits.append(z)
+                features.append(f)
+        return MultiExitOutput(torch.stack(logits), torch.stack(features))
+
+
+def _resolve_stem(stem: str, image_size: int) -> StemKind:
+    """`model.stem` "auto" -> "cifar" below 64 px (keeps small images whole), else "imagenet"."""
+    if stem != "auto":
+        return stem
+    return "cifar" if image_size < 64 else "imagenet"
+
+
+def create_model(
+    cfg: ModelConfig, *, num_classes: int, in_channels: int, image_size: int
+) -> MultiExitNet:
+    """Build the backbone `cfg.arch` with exits after the blocks `cfg.exits`."""
+    assert cfg.exits is not None  # ModelConfig resolves the default placement
+    backbone = BACKBONES[cfg.arch](
+        in_channels=in_channels, stem=_resolve_stem(cfg.stem, image_size)
+    )
+    assert len(backbone.blocks) == BLOCKS_PER_ARCH[cfg.arch], cfg.arch
+    return MultiExitNet(backbone, cfg.exits, num_classes=num_classes, head_width=cfg.head_width)
