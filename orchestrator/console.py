@@ -56,14 +56,14 @@ def exit_table(metrics: Mapping[str, float], num_exits: int, title: str) -> Tabl
             str(k),
             f"{metrics[M.exit_acc(k, split)]:.4f}",
             f"{metrics[M.exit_loss(k, split)]:.4f}",
-            f"{metrics[M.exit_gflops(k)]:.4f}",
+            f"{metrics[M.exit_gflops(k)]:.4g}",
         )
     table.add_row("ensemble", f"{metrics[M.with_split(M.ENSEMBLE_ACC, split)]:.4f}", "", "")
     table.add_row(
         "anytime",
         f"{metrics[M.with_split(M.ANYTIME_ACC, split)]:.4f}",
         "",
-        f"{metrics[M.with_split(M.ANYTIME_GFLOPS, split)]:.4f}",
+        f"{metrics[M.with_split(M.ANYTIME_GFLOPS, split)]:.4g}",
     )
     table.caption = f"anytime AUC {metrics[M.with_split(M.ANYTIME_AUC, split)]:.4f}"
     return table

@@ -95,7 +95,7 @@ def test_backbone_block_metadata_matches_blocks(arch: str) -> None:
 def test_multi_exit_output_shapes(arch: str, exits: list[int]) -> None:
     model = _model(arch, exits)
     out = model(_batch(arch))
-    dim = {"convnet": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048}[arch]
+    dim = {"convnet": 64, "resnet18": 512, "resnet34": 512, "resnet50": 2048}[arch]
     assert (model.num_exits, model.exits, model.feature_dim) == (len(exits), exits, dim)
     assert out.logits.shape == (len(exits), 2, NUM_CLASSES)
     assert out.features.shape == (len(exits), 2, dim)
@@ -164,7 +164,7 @@ def test_multi_exit_channels_last_bf16_autocast() -> None:
         out = model(x)
     out.logits.float().sum().backward()
     assert out.logits.shape == (4, 2, NUM_CLASSES)
-    assert out.features.shape == (4, 2, 128)
+    assert out.features.shape == (4, 2, 64)
     assert out.logits.dtype == out.features.dtype == torch.bfloat16
     assert torch.isfinite(out.logits.float()).all()
 
