@@ -116,6 +116,9 @@ def _log_model(record: SweepRecord, run_id: str, job: Job, register: str | None)
         info = mlflow.pytorch.log_model(
             job.model.cpu().eval(),
             name="model",
+            # The multi-exit forward returns a (logits, features) tuple, which MLflow's
+            # traced 'pt2' format cannot describe; the model loads with this package present.
+            serialization_format="pickle",
             registered_model_name=register,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mate-orchestrator"],
         )

@@ -57,7 +57,7 @@ def trials_table(
             f"[{style}]{t.state.name}[/]" if style else t.state.name,
             str(t.last_step or 0),
             "-" if value is None else f"{value:.4f}",
-            " ".join(f"{k}={_short(v)}" for k, v in t.params.items()),
+            " ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in t.params.items()),
         )
     return table
 

@@ -110,6 +110,10 @@ def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int | None:
     return min(limits) if limits else None
 
 
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback]) -> tune.Tuner:
     searcher = OptunaSearcher(spec, record.study_storage, record.name)
     limit = concurrency_limit(spec, record)
@@ -130,6 +134,7 @@ def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback])
             scheduler=OptunaPruningScheduler(searcher),
             num_samples=record.num_samples,
             time_budget_s=spec.search.time_budget_s,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=record.name,

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray import tune
 
 from trainer.config import JobConfig, apply_overrides, parse_job_config
@@ -32,7 +33,8 @@ def train_job(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(job, directory)
-    constants = model_metrics(job)
+    # Per-model constants, and the Ray node the trial runs on (a run tag in MLflow).
+    constants = {**model_metrics(job), "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as directory:
