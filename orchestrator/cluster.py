@@ -23,6 +23,7 @@ def init_ray(
     # Keep every Ray process of a single-node instance on the loopback interface.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
+        address="local",  # a new instance, never some other Ray found on the machine
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,

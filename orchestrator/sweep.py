@@ -30,6 +30,7 @@ from orchestrator.tracking import (
     resolve_tracking_uri,
 )
 from trainer.config import ConfigError
+from trainer.data import check_available
 from trainer.trainable import train_job
 
 __all__ = ["SweepRecord", "launch", "resume", "sweep_name_for"]
@@ -135,6 +136,7 @@ def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback])
             num_samples=record.num_samples,
             time_budget_s=spec.search.time_budget_s,
             trial_dirname_creator=trial_dirname,
+            reuse_actors=True,  # a new trial skips the process start and the torch import
         ),
         run_config=tune.RunConfig(
             name=record.name,
@@ -167,7 +169,8 @@ def prepare(
         raise ConfigError(f"--num-samples is {num_samples}, but must be >= 1")
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent is {max_concurrent}, but must be >= 1")
-    if address is None:
+    if address is None:  # on a cluster the data lives on the workers, not necessarily here
+        check_available(spec.base.dataset)
         gpus = local_gpu_count() if gpus is None else gpus
         check_gpus(gpus, local_gpu_count(), "this machine")
         init_ray(num_gpus=gpus)

@@ -1,7 +1,14 @@
+import os
+from pathlib import Path
+
 import pytest
 import ray
 
 from orchestrator.cluster import init_ray
+
+# Ray workers import trainables defined in test modules by name.
+TESTS = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

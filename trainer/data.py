@@ -54,7 +54,14 @@ import torch.nn.functional as F
 
 from trainer.config import DatasetConfig
 
-__all__ = ["DataError", "DataSplits", "DeviceLoader", "ImageTensors", "load_splits"]
+__all__ = [
+    "DataError",
+    "DataSplits",
+    "DeviceLoader",
+    "ImageTensors",
+    "check_available",
+    "load_splits",
+]
 
 
 class DataError(ValueError):
@@ -274,6 +281,37 @@ def _root(cfg: DatasetConfig) -> Path:
     return Path(cfg.root).expanduser()
 
 
+def _imagefolder_layout(root: Path) -> str:
+    return f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> (or val/)"
+
+
+def check_available(cfg: DatasetConfig) -> None:
+    """Raise :class:`DataError` when a data set is neither on disk nor to be downloaded.
+
+    Cheap (looks at one path, loads nothing), so commands call it before starting anything.
+    """
+    root = _root(cfg)
+    if cfg.name in _CIFAR:
+        path = root / _CIFAR[cfg.name][0]
+        if not path.is_dir() and not cfg.download:
+            raise DataError(
+                f"{cfg.name} not found under {path}; set dataset.download: true "
+                "or place the extracted archive there"
+            )
+    elif cfg.name == "tinyimagenet":
+        path = root / "tiny-imagenet-200" / "wnids.txt"
+        if not path.is_file() and not cfg.download:
+            raise DataError(
+                f"tinyimagenet not found under {path.parent}; set dataset.download: true "
+                f"or extract {_TINY_URL} into {root}"
+            )
+    elif cfg.name == "imagefolder" and not (root / "train").is_dir():
+        raise DataError(
+            f"imagefolder not found: {root / 'train'} does not exist; "
+            f"{_imagefolder_layout(root)}, prepared by hand (dataset.download does not apply)"
+        )
+
+
 def _check_native_size(cfg: DatasetConfig, size: int) -> None:
     if cfg.image_size is not None and cfg.image_size != size:
         raise DataError(
@@ -407,11 +445,7 @@ def _cifar(cfg: DatasetConfig) -> _Source:
     root = _root(cfg)
     path = root / folder
     if not path.is_dir():
-        if not cfg.download:
-            raise DataError(
-                f"{cfg.name} not found under {path}; set dataset.download: true "
-                "or place the extracted archive there"
-            )
+        check_available(cfg)
         from torchvision import datasets
 
         tv = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
@@ -447,11 +481,7 @@ def _tinyimagenet(cfg: DatasetConfig) -> _Source:
     root = _root(cfg)
     path = root / "tiny-imagenet-200"
     if not (path / "wnids.txt").is_file():
-        if not cfg.download:
-            raise DataError(
-                f"tinyimagenet not found under {path}; set dataset.download: true "
-                f"or extract {_TINY_URL} into {root}"
-            )
+        check_available(cfg)
         _download("tinyimagenet", _TINY_URL, root, _TINY_MD5)
     wnids = sorted((path / "wnids.txt").read_text().split())
     index = {wnid: i for i, wnid in enumerate(wnids)}
@@ -483,12 +513,8 @@ def _tinyimagenet(cfg: DatasetConfig) -> _Source:
 
 def _imagefolder(cfg: DatasetConfig) -> _Source:
     root = _root(cfg)
-    layout = f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> (or val/)"
-    if not (root / "train").is_dir():
-        raise DataError(
-            f"imagefolder not found: {root / 'train'} does not exist; {layout}, "
-            "prepared by hand (dataset.download does not apply)"
-        )
+    layout = _imagefolder_layout(root)
+    check_available(cfg)
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if test_dir is None:
         raise DataError(f"imagefolder: {root} has train/ but neither test/ nor val/; {layout}")
