@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_losses import naive_mate_loss
-
 from trainer.config import DTDConfig, LossConfig
 from trainer.losses import init_teacher_logits, multi_exit_loss
 

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from reference_losses import naive_mate_loss
 
+from reference_losses import naive_mate_loss
 from trainer.config import DTDConfig, LossConfig
 from trainer.losses import (
     correlation_loss,
