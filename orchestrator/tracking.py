@@ -58,7 +58,9 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The experiment's id, creating it (artifacts beside a local sqlite store) if needed."""
+    """The experiment's id, creating it if needed. A tracking server decides where artifacts
+    go; with a database used directly they go to `artifacts/` beside a sqlite file, else to
+    ./mlruns/artifacts."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -66,6 +68,8 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
     if tracking_uri.startswith("sqlite:///"):
         store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
         location = (store_dir / "artifacts" / name).resolve().as_uri()
+    elif not tracking_uri.startswith(("http://", "https://")):
+        location = (Path("mlruns") / "artifacts" / name).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -1,0 +1,42 @@
+"""What every bench prints and reuses: the versions line, the machine line, a timed median.
+
+Importable from the bench scripts only (``python bench/<name>.py`` puts bench/ on sys.path);
+Ray workers cannot import it, so trainables defined in a bench must not use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+__all__ = ["machine", "median_seconds", "versions"]
+
+
+def versions(*modules: str) -> str:
+    """``python 3.12.3, torch 2.14.1, ...`` for the named (importable) modules."""
+    found = [f"python {platform.python_version()}"]
+    for name in modules:
+        found.append(f"{name} {importlib.import_module(name).__version__}")
+    return ", ".join(found)
+
+
+def machine() -> str:
+    """CPU model, core count and the 1/5/15-minute load average (other work on the machine)."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load}"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

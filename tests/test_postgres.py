@@ -1,0 +1,56 @@
+"""Server-backed stores: a sweep whose Optuna study and MLflow runs live in PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import optuna
+import pytest
+import sqlalchemy
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.sweep import SweepRecord
+from sweep_helpers import child_runs, short_digits_space, study_trials
+
+SERVER = "postgresql://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture
+def databases():
+    """Two fresh databases on the local PostgreSQL (Optuna and MLflow each keep their own
+    Alembic schema version, so they cannot share one), dropped afterwards."""
+    admin = sqlalchemy.create_engine(f"{SERVER}/test", isolation_level="AUTOCOMMIT")
+    try:
+        connection = admin.connect()
+    except sqlalchemy.exc.OperationalError as err:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({err.orig})")
+    names = [f"mate_{role}_{uuid.uuid4().hex[:8]}" for role in ("optuna", "mlflow")]
+    for name in names:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    yield [f"{SERVER}/{name}" for name in names]
+    for name in names:
+        connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    connection.close()
+    admin.dispose()
+
+
+def test_sweep_with_postgres_study_and_tracking(local_ray, tmp_path, databases, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study_db, tracking_db = databases
+    space = short_digits_space(tmp_path, max_epochs=2, num_samples=3)
+    args = ["launch", "--space", str(space), "--name", "pg", "--storage", str(tmp_path)]
+    args += ["--study-storage", study_db, "--tracking-uri", tracking_db]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+    record = SweepRecord.load("pg", tmp_path)
+    assert record.study_storage == study_db and record.tracking_uri == tracking_db
+    assert not (tmp_path / "pg" / "optuna.db").exists()
+    trials = study_trials(record)
+    assert len(trials) == 3
+    assert all(t.state.is_finished() for t in trials)
+    assert optuna.study.get_all_study_names(study_db) == ["pg"]
+    runs = child_runs(record)
+    assert sorted(r.data.tags["optuna_trial_number"] for r in runs) == ["0", "1", "2"]
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
