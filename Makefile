@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-demo
+.PHONY: demo test lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/orchestrate train --config configs/digits_mate.yaml --output outputs/demo
+	$(BIN)/orchestrate launch --space search_spaces/mate_digits.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

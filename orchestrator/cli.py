@@ -225,7 +225,7 @@ def _finish(record) -> None:
         "next:\n"
         f"  orchestrate status {record.name}\n"
         f"  orchestrate ui                      # browse runs at http://127.0.0.1:5000\n"
-        f"  orchestrate promote {record.name} --register {record.name.split('-')[0]}-champion"
+        f"  orchestrate promote {record.name} --register {record.name.split('-')[0]}"
     )
 
 

@@ -1,5 +1,6 @@
 import pytest
 
+from orchestrator.space import load_space
 from trainer.config import (
     ConfigError,
     JobConfig,
@@ -54,13 +55,14 @@ def test_parse_rejects_non_mapping():
         parse_job_config([1, 2], source="x.yaml")
 
 
-def test_load_reports_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="no such file"):
-        load_job_config(tmp_path / "absent.yaml")
+@pytest.mark.parametrize("load", [load_job_config, load_space])
+def test_load_reports_missing_file_and_bad_yaml(tmp_path, load):
+    with pytest.raises(ConfigError, match=r"absent\.yaml: no such file"):
+        load(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss: {kind: mate\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line \d+\)"):
-        load_job_config(bad)
+        load(bad)
 
 
 def test_apply_overrides_sets_dotted_keys_and_revalidates():

@@ -77,7 +77,14 @@ class ImageTensors:
         return self.labels.shape[0]
 
     def to(self, device: torch.device) -> ImageTensors:
-        return ImageTensors(self.images.to(device), self.labels.to(device))
+        """Copy to `device`; to a GPU from pinned memory, without blocking the host."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return ImageTensors(self.images.to(device), self.labels.to(device))
+        return ImageTensors(
+            self.images.pin_memory().to(device, non_blocking=True),
+            self.labels.pin_memory().to(device, non_blocking=True),
+        )
 
 
 @dataclass(frozen=True)
