@@ -102,13 +102,17 @@ def trial_resources(spec: SpaceSpec, gpus: int) -> dict[str, float]:
     return {"cpu": res.cpu, "gpu": res.gpu if gpus > 0 else 0.0}
 
 
-def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int | None:
-    """Bound on trials at once: the user's, and what `--gpus` allows on a shared cluster."""
+def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int:
+    """Bound on trials at once: the user's, what `--gpus` allows on a shared cluster, and
+    what the cluster's CPUs hold. Always set: without a limit Tune keeps one trial of a custom
+    searcher pending at a time, so trials start one actor after another (and a trial that
+    ends before the next node's actor is up takes that node's trial: the node gets none)."""
+    res = trial_resources(spec, record.gpus)
     limits = [record.max_concurrent] if record.max_concurrent else []
-    gpu = trial_resources(spec, record.gpus)["gpu"]
-    if gpu > 0:
-        limits.append(max(1, int(record.gpus / gpu)))
-    return min(limits) if limits else None
+    if res["gpu"] > 0:
+        limits.append(max(1, int(record.gpus / res["gpu"])))
+    limits.append(max(1, int(ray.cluster_resources().get("CPU", 0) / res["cpu"])))
+    return min(limits)
 
 
 def trial_dirname(trial) -> str:
@@ -131,7 +135,7 @@ def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback])
         tune.with_resources(train_job, trial_resources(spec, record.gpus)),
         param_space={"job": spec.job_for({}).to_dict()},
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, limit) if limit else searcher,
+            search_alg=ConcurrencyLimiter(searcher, limit),
             scheduler=OptunaPruningScheduler(searcher),
             num_samples=record.num_samples,
             time_budget_s=spec.search.time_budget_s,

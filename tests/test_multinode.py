@@ -53,12 +53,9 @@ print(json.dumps({n["NodeManagerAddress"]: n["NodeID"] for n in nodes}))
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=60)
-
-
-def _kill_group(process: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert not check or done.returncode == 0, f"{' '.join(args)}: {done.stderr.strip()}"
+    return done
 
 
 @dataclass
@@ -93,7 +90,7 @@ def _namespaces(head_ns: str, worker_ns: str) -> None:
 
 
 def _start_node(ns: str, options: list[str], temp_dir: str, log: Path, env: dict[str, str]):
-    """`ray start --block` in `ns`, in a process group of its own (killed by pid at the end)."""
+    """`ray start --block` in `ns`, in a session (and process group) of its own."""
     command = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats"]
     command += ["--temp-dir", temp_dir, "--object-store-memory", str(200 * 2**20), *options]
     with log.open("w") as out:
@@ -115,19 +112,20 @@ def _wait_started(process: subprocess.Popen, log: Path) -> None:
 
 
 def _stop(processes: list[subprocess.Popen], namespaces: list[str]) -> None:
-    """SIGTERM each `ray start` (it stops its Ray processes), then SIGKILL whatever is left:
-    the process groups, then every process still in the namespaces; then the namespaces."""
-    for process in processes:
-        _kill_group(process, signal.SIGTERM)
-    for process in processes:
+    """SIGTERM each `ray start` (it stops its node's Ray processes), then SIGKILL whatever is
+    left: its process group, then every process still in the namespaces; then the namespaces."""
+    for process in reversed(processes):  # the worker first
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
-        _kill_group(process, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=20)
     for ns in namespaces:
         deadline = time.monotonic() + 30
         while pids := _run("ip", "netns", "pids", ns, check=False).stdout.split():
-            for pid in pids:  # Ray workers run in process groups of their own
+            for pid in pids:  # Ray's workers run in process groups of their own
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
             if time.monotonic() > deadline:
@@ -159,6 +157,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         "RAY_AUTH_MODE": "token",  # one token for the head, the worker and the driver
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop now, no 30 s drain
     }
     try:
         _run("ip", "netns", "add", worker_ns)
@@ -211,21 +210,22 @@ def _trial_nodes(workdir: Path, name: str, expected: int) -> list[str]:
 
 
 def test_cpu_trials_run_on_both_nodes(cluster, tmp_path):
-    # Trials long enough that the worker's first actor is up (it starts a few seconds after
-    # the head's, both importing torch) before the head has run them all with its own actor.
-    space = _space(tmp_path, num_samples=6, max_epochs=4, gpu=0)
+    # Both nodes' first actors start at once (the sweep's concurrency limit lets Tune stage
+    # two trials); a trial outlasts the gap between them, else Tune would hand the second
+    # trial to the first actor (reuse_actors) and the other node would get none.
+    space = _space(tmp_path, num_samples=4, max_epochs=4, gpu=0)
     result = cluster.launch(tmp_path, space, "cpu", "--gpus", "0")
     assert result.returncode == 0, result.stdout + result.stderr
-    nodes = _trial_nodes(tmp_path, "cpu", 6)
+    nodes = _trial_nodes(tmp_path, "cpu", 4)
     assert set(nodes) == set(cluster.node_ids.values()), (nodes, cluster.node_ids)
 
 
 def test_gpu_trials_run_only_where_gpus_are(cluster, tmp_path):
-    space = _space(tmp_path, num_samples=3, max_epochs=1, gpu=1)
+    space = _space(tmp_path, num_samples=2, max_epochs=1, gpu=1)
     result = cluster.launch(tmp_path, space, "gpu", "--gpus", str(WORKER_GPUS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{WORKER_GPUS} GPU(s)" in result.stdout
-    assert set(_trial_nodes(tmp_path, "gpu", 3)) == {cluster.node_ids[WORKER_IP]}
+    assert set(_trial_nodes(tmp_path, "gpu", 2)) == {cluster.node_ids[WORKER_IP]}
 
 
 def test_more_gpus_than_the_cluster_has_is_refused(cluster, tmp_path):
