@@ -129,12 +129,14 @@ class OptunaSearcher(Searcher):
             "numbers": self.numbers,
             "storage_ids": self._storage_ids,
             "pruned": self.pruned,
+            "last_step": self._last_step,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.numbers = state["numbers"]
         self._storage_ids = state["storage_ids"]
         self.pruned = state["pruned"]
+        self._last_step = state["last_step"]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
