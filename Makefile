@@ -26,3 +26,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_loss.py
 	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_overhead.py
+	$(BIN)/python bench/bench_search.py

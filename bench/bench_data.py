@@ -18,15 +18,12 @@ epoch of each.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import numpy as np
-import PIL
 import torch
-import torchvision
+from _common import machine, versions
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -112,12 +109,9 @@ def main() -> None:
         dev_rates.append(epoch_rate(device_loader))
     tv, dev = statistics.median(tv_rates), statistics.median(dev_rates)
 
+    print(versions("torch", "torchvision", "numpy", "PIL"))
     print(
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}, numpy {np.__version__}, PIL {PIL.__version__}"
-    )
-    print(
-        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{machine()}; "
         f"{args.images} images 32x32x3, batch {args.batch_size}, "
         f"median of {args.repeats} epochs after a warm-up"
     )

@@ -10,7 +10,6 @@ reference lives in tests/reference_losses.py, which the tests also check against
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_losses import naive_mate_loss
@@ -81,7 +81,7 @@ def main() -> None:
     inputs = (logits, features, labels, init_teacher_logits(k, "deeper").to(device))
 
     print(
-        f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
+        f"{versions('torch')}, device {device}"
         f" ({torch.get_num_threads()} threads), K={k} B={b} C={c} D={args.dim},"
         f" median of {args.repeats} after {args.warmup} warm-up, forward+backward"
     )

@@ -10,11 +10,11 @@ so drift in machine speed hits both alike. Target: MATE / DSN <= 1.05.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from _common import versions
 from torch import nn
 
 from trainer.config import LossConfig, ModelConfig
@@ -77,7 +77,7 @@ def main() -> None:
 
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     print(
-        f"torch {torch.__version__}, python {platform.python_version()}, device {device}, "
+        f"{versions('torch')}, device {device}, "
         f"threads {torch.get_num_threads()}, resnet18 exits {model_cfg.exits}, "
         f"batch {args.batch_size}, median of {args.repeats}"
     )
