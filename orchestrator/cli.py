@@ -269,7 +269,7 @@ def promote(name: str, epochs: int | None, register: str | None, storage: str) -
     cfg, number = promotion.final_job_config(record, epochs)
     console.print(f"promoting trial {number} of {name}: {cfg.train.epochs} epochs on train+val")
     with epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show:
-        result = promotion.promote(record, epochs=epochs, register=register, on_epoch=show)
+        result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
     console.print(exit_table(result.metrics, cfg.num_exits, title=f"{name}: final job (test)"))
     console.print(f"MLflow run {result.run_id}")
     if result.model_name:

@@ -38,16 +38,21 @@ def epoch_progress(
         yield advance
 
 
+def _split(metrics: Mapping[str, float]) -> str:
+    """The split a job evaluated on: val, or test when it trained on train+val."""
+    return "val" if M.exit_acc(1) in metrics else "test"
+
+
 def epoch_summary(metrics: Mapping[str, float], num_exits: int) -> str:
     """One line: loss and per-exit validation accuracy."""
-    split = "val" if M.exit_acc(1) in metrics else "test"
+    split = _split(metrics)
     accs = " ".join(f"{metrics[M.exit_acc(k, split)]:.3f}" for k in range(1, num_exits + 1))
     return f"loss {metrics[M.TRAIN_LOSS]:.4f}  {split} acc per exit [{accs}]"
 
 
 def exit_table(metrics: Mapping[str, float], num_exits: int, title: str) -> Table:
     """Per-exit accuracy, loss and cumulative GFLOPs, plus ensemble and anytime rows."""
-    split = "val" if M.exit_acc(1) in metrics else "test"
+    split = _split(metrics)
     table = Table(title=title)
     for column in ("exit", "accuracy", "loss", "GFLOPs"):
         table.add_column(column, justify="right")

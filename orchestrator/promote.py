@@ -66,13 +66,14 @@ def _trial_run_id(client: MlflowClient, record: SweepRecord, number: int) -> str
 
 def promote(
     record: SweepRecord,
+    cfg: JobConfig,
+    number: int,
     *,
-    epochs: int | None = None,
     register: str | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> Promotion:
-    """Train the final job, log it and (with `register`) register it as `champion`."""
-    cfg, number = final_job_config(record, epochs)
+    """Train the final job `cfg` (from :func:`final_job_config`, trial `number`), log it and
+    (with `register`) register it as `champion`."""
     job = build_job(cfg)
     client = MlflowClient(record.tracking_uri)
     tags = {

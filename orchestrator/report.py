@@ -32,6 +32,13 @@ def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _latest_value(t: optuna.trial.FrozenTrial) -> float | None:
+    """The final value, or the last intermediate one of an unfinished or pruned trial."""
+    if t.value is not None:
+        return t.value
+    return t.intermediate_values.get(t.last_step) if t.last_step is not None else None
+
+
 def trials_table(
     study: optuna.Study, metric: str, *, limit: int | None = None, title: str = ""
 ) -> Table:
@@ -39,7 +46,7 @@ def trials_table(
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
 
     def sort_key(t: optuna.trial.FrozenTrial) -> tuple[int, float]:
-        value = t.value if t.value is not None else t.intermediate_values.get(t.last_step or 0)
+        value = _latest_value(t)
         score = float("-inf") if value is None else (value if maximize else -value)
         return (t.state == optuna.trial.TrialState.COMPLETE, score)
 
@@ -49,8 +56,7 @@ def trials_table(
     for column in ("trial", "state", "epochs", metric, "params"):
         table.add_column(column, justify="left" if column == "params" else "right")
     for t in shown:
-        last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
-        value = t.value if t.value is not None else last
+        value = _latest_value(t)
         style = _STATE_STYLE.get(t.state.name, "")
         table.add_row(
             str(t.number),
