@@ -28,3 +28,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_search.py
+	$(BIN)/python bench/bench_correlation.py
+	$(BIN)/python bench/bench_teachers.py

@@ -35,26 +35,27 @@ CONFIGS: dict[str, LossConfig] = {
 }
 
 
-def _batched(cfg, z, f, y, a) -> torch.Tensor:
-    return multi_exit_loss(cfg, z, f, y, a).total
+def _batched(cfg, z, f, y, a, projections) -> torch.Tensor:
+    return multi_exit_loss(cfg, z, f, y, a, projections=projections).total
 
 
 def _time_step(loss_fn: Callable, cfg: LossConfig, inputs: tuple, device: torch.device) -> float:
     """Seconds for one forward+backward; CUDA work is timed with events after a synchronize."""
-    logits, features, labels, a0 = inputs
+    logits, features, labels, a0, projections = inputs
     z = logits.clone().requires_grad_(True)
     f = features.clone().requires_grad_(True)
     a = a0.clone().requires_grad_(True)
+    proj = projections.clone().requires_grad_(True)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        loss_fn(cfg, z, f, labels, a).backward()
+        loss_fn(cfg, z, f, labels, a, proj).backward()
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3
     t = time.perf_counter()
-    loss_fn(cfg, z, f, labels, a).backward()
+    loss_fn(cfg, z, f, labels, a, proj).backward()
     return time.perf_counter() - t
 
 
@@ -78,7 +79,8 @@ def main() -> None:
     logits = (2.0 * torch.randn(k, b, c, generator=g)).to(device)
     features = torch.randn(k, b, args.dim, generator=g).relu().to(device)
     labels = torch.randint(0, c, (b,), generator=g).to(device)
-    inputs = (logits, features, labels, init_teacher_logits(k, "deeper").to(device))
+    projections = torch.randn(k - 1, b, args.dim, generator=g).to(device)
+    inputs = (logits, features, labels, init_teacher_logits(k, "deeper").to(device), projections)
 
     print(
         f"{versions('torch')}, device {device}"

@@ -19,8 +19,10 @@
 
 (b) MLflow logging per epoch. The per-epoch result dicts of one real 4-exit digits trial (a
     tiny Tuner run records them) are replayed into fresh temp sqlite stores through each
-    callback's hooks: our MlflowTrackingCallback.on_trial_result (one log_batch) vs Ray's
-    MLflowLoggerCallback.log_trial_result (one log_metric request per numeric key). Ray's is
+    callback's hooks: our MlflowTrackingCallback.on_trial_result (a journal append on Tune's
+    driver, then one log_batch on the writer's thread, waited for; the append alone is
+    reported too) vs Ray's MLflowLoggerCallback.log_trial_result (one log_metric request per
+    numeric key). Ray's is
     fed the same full Tune result dicts (it logs every numeric key, Tune's own included) and,
     separately, the dicts cut down to the metric names ours logs. Ours is then put against a
     real digits epoch (build_job, then train_one_epoch + evaluate, median of 5) at 1 thread,
@@ -59,7 +61,7 @@ from ray.tune.execution.tune_controller import TuneController
 from ray.tune.utils import flatten_dict
 
 from orchestrator.cluster import init_ray
-from orchestrator.optuna_search import OptunaSearcher
+from orchestrator.optuna_search import OPTUNA_TRIAL_NUMBER, OptunaSearcher
 from orchestrator.space import load_space
 from orchestrator.sweep import launch, prepare, trial_dirname
 from orchestrator.tracking import MlflowTrackingCallback, ensure_experiment
@@ -337,19 +339,26 @@ def fresh_store(directory: Path) -> str:
     return uri
 
 
-def time_ours(uri: str, trial, results: list[dict]) -> list[float]:
+def time_ours(uri: str, trial, results: list[dict], *, driver_only: bool) -> list[float]:
+    """Per epoch: the callback's journal append (what Tune's driver waits for) and, unless
+    `driver_only`, the background writer's log_batch too (waited for after each epoch)."""
     client = MlflowClient(uri)
     experiment = ensure_experiment(client, "bench", uri)
     parent = client.create_run(experiment).info.run_id
+    directory = Path(uri.removeprefix("sqlite:///")).parent
     callback = MlflowTrackingCallback(
-        uri, experiment, parent, "bench", M.MEAN_EXIT_ACC, "max", ("sqlite://", "none")
+        uri, experiment, parent, "bench", M.MEAN_EXIT_ACC, "max", ("sqlite://", "none"), directory
     )
     callback.on_trial_start(0, [trial], trial)  # creates the child run and logs params
+    callback.writer.flush(60)
     times = []
     for result in results:
         start = time.perf_counter()
         callback.on_trial_result(0, [trial], trial, result)
+        if not driver_only:
+            callback.writer.flush(60)
         times.append(time.perf_counter() - start)
+    callback.writer.close(60)
     return times
 
 
@@ -369,7 +378,8 @@ def ours_metric_names(results: list[dict]) -> set[str]:
     """What our callback writes after a trial's first epoch (the first adds the per-exit
     GFLOPs and node tags): the epoch metrics, not Tune's own fields."""
     num_exits = sum(1 for key in results[0] if key.endswith("/gflops"))
-    return set(M.epoch_metric_names(num_exits)) - {M.EPOCH}
+    kind = load_space(DIGITS_SPACE).base.loss.kind
+    return set(M.epoch_metric_names(num_exits, kind)) - {M.EPOCH}
 
 
 def numeric_keys(result: dict) -> int:
@@ -392,12 +402,16 @@ def digits_epoch_seconds(threads: int, repeats: int) -> float:
 def bench_logging(workdir: Path, args: argparse.Namespace) -> None:
     recorder = record_results(workdir, args.log_epochs)
     trial, full = recorder.trial, recorder.results
+    trial.config[OPTUNA_TRIAL_NUMBER] = 0  # as our searcher's trials carry (runs are per number)
     names = ours_metric_names(full)
     # Ray's callback needs training_iteration (its step), and logs it as a metric as well.
     keep = names | {"training_iteration"}
     trimmed = [{k: v for k, v in r.items() if k in keep} for r in full]
     methods = {
-        "ours (log_batch)": lambda uri: time_ours(uri, trial, full),
+        "ours (log_batch)": lambda uri: time_ours(uri, trial, full, driver_only=False),
+        "ours, of it on Tune's driver (journal)": lambda uri: time_ours(
+            uri, trial, full, driver_only=True
+        ),
         "Ray MLflowLoggerCallback, full results": lambda uri: time_ray(uri, trial, full),
         "Ray MLflowLoggerCallback, our metrics only": lambda uri: time_ray(uri, trial, trimmed),
     }
@@ -415,6 +429,7 @@ def bench_logging(workdir: Path, args: argparse.Namespace) -> None:
 
     keys = {
         "ours (log_batch)": len(names & set(full[1])),
+        "ours, of it on Tune's driver (journal)": len(names & set(full[1])),
         "Ray MLflowLoggerCallback, full results": numeric_keys(full[1]),
         "Ray MLflowLoggerCallback, our metrics only": numeric_keys(trimmed[1]),
     }

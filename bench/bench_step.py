@@ -1,10 +1,12 @@
-"""MATE training step vs. the DSN step on the same multi-exit ResNet-18 (CIFAR-shaped batch).
+"""MATE training step vs. the DSN step on the same multi-exit network (CIFAR-shaped batch).
 
 Both steps run the same network, optimizer and data; they differ only in the loss (MATE adds
 K ensemble teachers, K^2 distillation terms and trainable teacher weights). Steps alternate,
-so drift in machine speed hits both alike. Target: MATE / DSN <= 1.05.
+so drift in machine speed hits both alike. Target: MATE / DSN <= 1.05. Also prints training
+throughput (images per second) for each loss.
 
-    python bench/bench_step.py [--batch-size 128] [--repeats 7] [--device cpu]
+    python bench/bench_step.py [--arch resnet18] [--batch-size 128] [--repeats 7] [--device cpu]
+    python bench/bench_step.py --arch resnet20 --classes 10 --threads 1   # one CPU core
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import statistics
 import time
 
 import torch
-from _common import versions
+from _common import machine, versions
 from torch import nn
 
 from trainer.config import LossConfig, ModelConfig
@@ -57,14 +59,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="resnet18", help="backbone, default exits")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model_cfg = ModelConfig(arch="resnet18", exits=[2, 4, 6, 8])
-    model = create_model(model_cfg, num_classes=100, in_channels=3, image_size=32).to(device)
+    model_cfg = ModelConfig(arch=args.arch)
+    model = create_model(model_cfg, num_classes=args.classes, in_channels=3, image_size=32)
+    model = model.to(device)
     inputs = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    labels = torch.randint(0, 100, (args.batch_size,), device=device)
+    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
     steps = {kind: make_step(kind, model, len(model_cfg.exits), device) for kind in ("dsn", "mate")}
 
     for _ in range(args.warmup):
@@ -76,13 +84,15 @@ def main() -> None:
             times[kind].append(timed(step, inputs, labels, device))
 
     medians = {kind: statistics.median(t) for kind, t in times.items()}
+    print(machine())
     print(
         f"{versions('torch')}, device {device}, "
-        f"threads {torch.get_num_threads()}, resnet18 exits {model_cfg.exits}, "
-        f"batch {args.batch_size}, median of {args.repeats}"
+        f"threads {torch.get_num_threads()}, {args.arch} exits {model_cfg.exits}, "
+        f"{args.classes} classes, batch {args.batch_size}, median of {args.repeats}"
     )
     for kind, median in medians.items():
-        print(f"  {kind:5s} step  {median * 1000:9.1f} ms")
+        rate = args.batch_size / median
+        print(f"  {kind:5s} step  {median * 1000:9.1f} ms  {rate:8.0f} images/s")
     print(f"  MATE / DSN step time: {medians['mate'] / medians['dsn']:.3f}x (target <= 1.05x)")
 
 

@@ -1,19 +1,31 @@
-"""Live sweep progress on the terminal: trials running, finished, pruned, failed, best."""
+"""Live sweep progress on the terminal: trials running, finished, pruned, failed, best.
+
+The best is read from the Optuna study with :func:`orchestrator.report.best_summary`, the
+rule the final table and ``status`` use (the final value of COMPLETE trials; the Pareto set
+with several objectives), so the live line never claims a best the table does not show.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import optuna
 from ray.tune import Callback
-from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
+from orchestrator.console import console
+from orchestrator.credentials import mask, reveal
+from orchestrator.report import best_summary, load_study_from
 from trainer import metrics as M
+from trainer.trainable import TRIAL_ERROR
+
+__all__ = ["SweepProgress", "trial_outcome"]
 
 
 def trial_outcome(trial, max_epochs: int) -> str:
     """running | pending | finished | pruned | failed, from Tune's view of the trial."""
-    if trial.status == "ERROR":
+    if trial.status == "ERROR" or TRIAL_ERROR in (trial.last_result or {}):
         return "failed"
     if trial.status == "TERMINATED":
         epochs = (trial.last_result or {}).get(M.EPOCH, 0)
@@ -24,39 +36,62 @@ def trial_outcome(trial, max_epochs: int) -> str:
 class SweepProgress(Callback):
     """Redraws one status line after every trial event."""
 
-    def __init__(self, num_samples: int, max_epochs: int, metric: str, mode: str) -> None:
+    def __init__(self, num_samples: int, max_epochs: int, study: tuple[str, str]) -> None:
         self.num_samples = num_samples
         self.max_epochs = max_epochs
-        self.metric = metric
-        self.mode = mode
+        self.study_ref = study  # (storage URL, study name)
+        self._best: str | None = None
+        self._study: optuna.Study | None = None
         self._live: Live | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment
-        return {**self.__dict__, "_live": None}
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into the sweep directory: no password, no live objects.
+        study_ref = (mask(self.study_ref[0]), self.study_ref[1])
+        return {
+            **self.__dict__,
+            "study_ref": study_ref,
+            "_live": None,
+            "_best": None,
+            "_study": None,
+        }
+
+    @property
+    def best(self) -> str:
+        if self._best is None:  # read again after each finished trial
+            if self._study is None:
+                self._study = load_study_from(reveal(self.study_ref[0]), self.study_ref[1])
+            self._best = best_summary(self._study)
+        return self._best
 
     def line(self, trials: list) -> str:
         counts = {k: 0 for k in ("running", "pending", "finished", "pruned", "failed")}
         for trial in trials:
             counts[trial_outcome(trial, self.max_epochs)] += 1
-        values = [
-            t.metric_analysis[self.metric][self.mode]
-            for t in trials
-            if self.metric in t.metric_analysis
-        ]
-        best = (max if self.mode == "max" else min)(values) if values else None
-        best_text = f"{best:.4f}" if best is not None else "-"
         done = counts["finished"] + counts["pruned"] + counts["failed"]
         return (
             f"trials {done}/{self.num_samples} done: [green]{counts['finished']} finished[/] "
             f"[yellow]{counts['pruned']} pruned[/] [red]{counts['failed']} failed[/], "
-            f"{counts['running']} running | best {self.metric} {best_text}"
+            f"{counts['running']} running | {self.best}"
         )
 
     def _draw(self, trials: list) -> None:
+        """Redraw the live line on a terminal; elsewhere (a pipe, a log) only the final line
+        is printed, whole, at the end."""
+        if not console.is_terminal:
+            return
         if self._live is None:
-            self._live = Live(console=Console(), auto_refresh=False, transient=False)
+            # Other output must not be drawn above the line: it belongs in the log file.
+            self._live = Live(
+                console=console,
+                auto_refresh=False,
+                transient=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self._live.start()
-        self._live.update(self.line(trials), refresh=True)
+        text = Text.from_markup(self.line(trials), overflow="ellipsis")
+        text.no_wrap = True  # one line, cut to the terminal's width
+        self._live.update(text, refresh=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._draw(trials)
@@ -65,12 +100,18 @@ class SweepProgress(Callback):
         self._draw(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._best = None  # the searcher has told the study how this trial ended
         self._draw(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._best = None
         self._draw(trials)
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        self._best = None
+        if not console.is_terminal:
+            console.print(self.line(trials), soft_wrap=True, highlight=False)
+            return
         self._draw(trials)
         if self._live is not None:
             self._live.stop()

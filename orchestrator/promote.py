@@ -1,4 +1,5 @@
-"""Promote: best finished trial -> final training job -> registered model alias `champion`.
+"""Promote: a finished trial (the best, or one `--pick` names) -> final training job ->
+registered model alias `champion`.
 
 The final job re-runs the best trial's config on train+val (no validation split, so the
 engine evaluates on the test split: ``test/...`` metrics) with the full schedule, and is
@@ -19,7 +20,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from orchestrator.report import best_trial, load_study
+from orchestrator.pick import PickRule, parse_pick, pick_trial
+from orchestrator.report import load_study
 from orchestrator.space import decode_params
 from orchestrator.sweep import SweepRecord
 from orchestrator.tracking import SWEEP_TAG, TRIAL_NUMBER_TAG, flatten, now_ms
@@ -41,17 +43,19 @@ class Promotion:
     model_version: str | None
 
 
-def final_job_config(record: SweepRecord, epochs: int | None) -> tuple[JobConfig, int]:
-    """The best trial's job on train+val with the full schedule, and the trial's number."""
+def final_job_config(
+    record: SweepRecord, epochs: int | None, rule: PickRule | None = None
+) -> tuple[JobConfig, int]:
+    """The job of the trial `rule` chooses (see :mod:`orchestrator.pick`; the best trial by
+    default) on train+val with the full schedule, and the trial's number."""
     spec = record.spec()
-    best = best_trial(load_study(record))
-    if best is None:
-        raise ConfigError(f"sweep {record.name!r} has no finished trial to promote yet")
+    rule = rule or parse_pick("best", spec.search)
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs is {epochs}, but must be >= 1")
-    job = spec.job_for(decode_params(spec, best.params))
+    chosen = pick_trial(load_study(record), spec.search, rule)
+    job = spec.job_for(decode_params(spec, chosen.params))
     final = {"dataset.val_fraction": 0.0, "train.epochs": epochs or spec.base.train.epochs}
-    return apply_overrides(job, final, source="promote"), best.number
+    return apply_overrides(job, final, source="promote"), chosen.number
 
 
 def _trial_run_id(client: MlflowClient, record: SweepRecord, number: int) -> str | None:

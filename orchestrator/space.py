@@ -47,6 +47,7 @@ __all__ = [
     "load_space",
     "optuna_distributions",
     "parse_space",
+    "pruner_note",
     "sweep_params",
 ]
 
@@ -83,11 +84,33 @@ def _encode(choice: Any) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Mode = Literal["max", "min"]
+_MODES = ("max", "min")
+
+
+def _metric_or_list(value: Any) -> str | list[str]:
+    """`search.metric`: one name, or a list of names (a multi-objective search)."""
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        return value
+    raise ValueError("must be a metric name or a list of metric names")
+
+
+def _mode_or_list(value: Any) -> str | list[str]:
+    """`search.mode`: 'max' or 'min', or a list of them (one per metric)."""
+    modes = value if isinstance(value, list) else [value]
+    if not all(isinstance(m, str) and m in _MODES for m in modes):
+        raise ValueError("input should be 'max' or 'min' (or a list of them, one per metric)")
+    return value
 
 
 class SamplerSettings(_Strict):
-    kind: Literal["tpe", "random"] = "tpe"
+    # nsga2: Optuna's NSGAIISampler; grid: every combination of categorical choices once
+    kind: Literal["tpe", "random", "nsga2", "grid"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(5, ge=0)  # random trials before TPE models the space
     multivariate: bool = True
@@ -117,14 +140,34 @@ class ResourceSettings(_Strict):
 
 
 class SearchSettings(_Strict):
-    metric: str = "val/mean_exit_acc"
-    mode: Literal["max", "min"] = "max"
+    # A list of metrics with a list of modes makes a multi-objective (Pareto) search.
+    metric: Annotated[str | list[str], PlainValidator(_metric_or_list)] = "val/mean_exit_acc"
+    mode: Annotated[Mode | list[Mode], PlainValidator(_mode_or_list)] = "max"
     num_samples: int = Field(16, ge=1)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     pruner: PrunerSettings = Field(default_factory=PrunerSettings)
     resources: ResourceSettings = Field(default_factory=ResourceSettings)  # per trial
     time_budget_s: float | None = Field(None, gt=0.0)  # wall clock for the whole sweep
     max_concurrent: int | None = Field(None, ge=1)  # None: as many as the resources allow
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives, primary (first) first."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        """One mode per objective."""
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def objectives_text(self) -> str:
+        """``val/mean_exit_acc (max), val/anytime_gflops (min)`` for messages."""
+        return ", ".join(f"{m} ({d})" for m, d in zip(self.metrics, self.modes, strict=True))
 
 
 class ParamSpec(_Strict):
@@ -246,6 +289,8 @@ def parse_space(data: Mapping[str, Any], source: str) -> SpaceSpec:
     for key in data:
         if key not in _SECTIONS:
             raise ConfigError(f"{source}: unknown key `{key}` (sections: base, search, space)")
+    if data.get("base") == {}:
+        raise ConfigError(f"{source}: `base` is empty; it sets at least the trials' `dataset`")
     try:
         spec = SpaceSpec.model_validate({**data, "source": source})
     except ValidationError as err:
@@ -287,20 +332,71 @@ def _selectable(names: list[str]) -> list[str]:
     return [name for name in names if name.startswith("val/") or name == TRAIN_LOSS]
 
 
-def _check_search(spec: SpaceSpec) -> None:
-    search, pruner = spec.search, spec.search.pruner
-    fewest = _fewest_exits(spec)
-    if search.metric not in _selectable(epoch_metric_names(fewest)):
-        general = ", ".join(_selectable(epoch_metric_names(0)))
-        raise _broken(
-            spec.source,
-            "search.metric",
-            search.metric,
-            f"must be one of {general}, or val/exit{{k}}/acc|loss with k <= {fewest} "
-            "(the fewest exits a trial can have)",
+def _check_objectives(spec: SpaceSpec) -> None:
+    """One mode per metric, no metric twice, each one every trial reports."""
+    search = spec.search
+    metrics, modes = search.metrics, search.modes
+    if not metrics:
+        raise _broken(spec.source, "search.metric", search.metric, "must list at least one metric")
+    if isinstance(search.metric, list) != isinstance(search.mode, list) or len(modes) != len(
+        metrics
+    ):
+        rule = (
+            f"must be a list of one mode per metric ({len(metrics)} metrics)"
+            if isinstance(search.metric, list)
+            else "must be 'max' or 'min' for a single metric"
         )
-    if search.metric.endswith("loss") and search.mode != "min":
-        raise _broken(spec.source, "search.mode", search.mode, f"{search.metric} needs 'min'")
+        raise _broken(spec.source, "search.mode", search.mode, rule)
+    fewest = _fewest_exits(spec)
+    for metric, mode in zip(metrics, modes, strict=True):
+        if metrics.count(metric) > 1:
+            raise _broken(spec.source, "search.metric", search.metric, f"lists {metric} twice")
+        if metric not in _selectable(epoch_metric_names(fewest)):
+            general = ", ".join(_selectable(epoch_metric_names(0)))
+            raise _broken(
+                spec.source,
+                "search.metric",
+                search.metric,
+                f"must be one of {general}, or val/exit{{k}}/acc|loss with k <= {fewest} "
+                "(the fewest exits a trial can have)",
+            )
+        if metric.endswith("loss") and mode != "min":
+            raise _broken(spec.source, "search.mode", search.mode, f"{metric} needs 'min'")
+
+
+def pruner_note(spec: SpaceSpec) -> str | None:
+    """Why the configured pruner does not run, or None when it does."""
+    kind = spec.search.pruner.kind
+    if kind == "none" or not spec.search.multi_objective:
+        return None
+    return (
+        f"search.pruner {kind} does not apply to a multi-objective search (Optuna prunes on "
+        "one objective only): every trial runs its full budget"
+    )
+
+
+def grid_size(spec: SpaceSpec) -> int:
+    """How many configurations a grid search over the space's choices has."""
+    return math.prod(len(p.choices or ()) for p in spec.space.values())
+
+
+def _check_grid(spec: SpaceSpec) -> None:
+    """A grid search takes categorical parameters only, and at most one trial per point."""
+    ranged = [key for key, p in spec.space.items() if p.type != "categorical"]
+    if ranged:
+        kind = spec.space[ranged[0]].type
+        rule = f"takes categorical parameters only; `space.{ranged[0]}` is a {kind}"
+        raise _broken(spec.source, "search.sampler.kind", "grid", rule)
+    if spec.search.num_samples > (size := grid_size(spec)):
+        rule = f"must be <= the grid's {size} combinations"
+        raise _broken(spec.source, "search.num_samples", spec.search.num_samples, rule)
+
+
+def _check_search(spec: SpaceSpec) -> None:
+    pruner = spec.search.pruner
+    _check_objectives(spec)
+    if spec.search.sampler.kind == "grid":
+        _check_grid(spec)
     if pruner.kind != "none" and pruner.min_resource > spec.max_epochs:
         raise _broken(
             spec.source,

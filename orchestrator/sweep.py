@@ -2,17 +2,24 @@
 
 Everything a sweep needs to be resumed, inspected or promoted later is written to
 ``<storage>/<name>/sweep.json`` next to Tune's experiment state, the Optuna study
-(``optuna.db`` unless a server URL is given) and a copy of the space file.
+(``optuna.db`` unless a server URL is given) and a copy of the space file. Store URLs are
+kept there with their passwords masked (:mod:`orchestrator.credentials`).
+
+Every request is checked (:mod:`orchestrator.preflight`) before Ray starts or anything is
+recorded.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import optuna
 import ray
 import torch
 from mlflow.entities import Param
@@ -20,13 +27,24 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
+from orchestrator import preflight
 from orchestrator.cluster import init_ray
-from orchestrator.optuna_search import OptunaPruningScheduler, OptunaSearcher, open_study
-from orchestrator.space import SpaceSpec, load_space, sweep_params
+from orchestrator.credentials import mask, remember, reveal
+from orchestrator.figures import ReportCallback
+from orchestrator.mlflow_writer import JOURNAL_FILE
+from orchestrator.optuna_search import (
+    RAY_TRIAL_ATTR,
+    OptunaPruningScheduler,
+    OptunaSearcher,
+    open_study,
+)
+from orchestrator.space import SpaceSpec, grid_size, load_space, sweep_params
 from orchestrator.tracking import (
     SWEEP_TAG,
     MlflowTrackingCallback,
     ensure_experiment,
+    flush_writer,
+    open_writer,
     resolve_tracking_uri,
 )
 from trainer.config import ConfigError
@@ -39,6 +57,11 @@ RECORD_FILE = "sweep.json"
 SPACE_COPY = "space.yaml"
 DEFAULT_STORAGE = "sweeps"
 MAX_FAILURES = 2  # retries of a crashed trial, each from its last checkpoint
+# SweepRecord fields holding store URLs -> (CLI option, environment variable) that give them
+_URL_OPTIONS = {
+    "tracking_uri": ("--tracking-uri", "MLFLOW_TRACKING_URI"),
+    "study_storage": ("--study-storage", "MATE_STUDY_STORAGE"),
+}
 
 
 @dataclass(frozen=True)
@@ -66,23 +89,52 @@ class SweepRecord:
         return self.directory / SPACE_COPY
 
     def save(self) -> None:
-        (self.directory / RECORD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Write sweep.json, with the store URLs' passwords masked."""
+        stored = asdict(self)
+        for key in _URL_OPTIONS:
+            stored[key] = mask(stored[key])
+        (self.directory / RECORD_FILE).write_text(json.dumps(stored, indent=2) + "\n")
 
     @classmethod
-    def load(cls, name: str, storage_path: str | Path = DEFAULT_STORAGE) -> SweepRecord:
+    def load(
+        cls,
+        name: str,
+        storage_path: str | Path = DEFAULT_STORAGE,
+        full_urls: Iterable[str | None] = (),
+    ) -> SweepRecord:
+        """Read sweep.json; masked store URLs are filled in from `full_urls` (the
+        --tracking-uri/--study-storage the user gave), else ConfigError."""
         path = Path(storage_path).resolve() / name / RECORD_FILE
         if not path.is_file():
             known = sorted(p.parent.name for p in Path(storage_path).glob(f"*/{RECORD_FILE}"))
             hint = f"; known sweeps: {', '.join(known)}" if known else ""
             raise ConfigError(f"no sweep named {name!r} under {storage_path}{hint}")
-        return cls(**json.loads(path.read_text()))
+        try:
+            stored = json.loads(path.read_text())
+            cls(**stored)  # every field there, no unknown one
+        except (OSError, ValueError, TypeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{path} is damaged ({reason})") from None
+        full_urls = list(full_urls)
+        revealed = {}
+        for key, (option, env) in _URL_OPTIONS.items():
+            try:
+                revealed[key] = reveal(stored[key], full_urls)
+            except LookupError:
+                raise ConfigError(
+                    f"sweep {name!r} uses {stored[key]}: give its password with {option} or {env}"
+                ) from None
+            remember(revealed[key])  # for the callback and searcher Tune unpickles
+        return cls(**{**stored, **revealed})
 
     def spec(self) -> SpaceSpec:
         return load_space(self.space_file)
 
 
 def sweep_name_for(space_file: str | Path) -> str:
-    return f"{Path(space_file).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    """``<space file stem>-<timestamp>``, with characters a sweep name cannot have as '-'."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(space_file).stem).strip("-._")[:80]
+    return f"{stem or 'sweep'}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def local_gpu_count() -> int:
@@ -90,8 +142,6 @@ def local_gpu_count() -> int:
 
 
 def check_gpus(gpus: int, available: int, where: str) -> None:
-    if gpus < 0:
-        raise ConfigError(f"--gpus is {gpus}, but must be >= 0")
     if gpus > available:
         raise ConfigError(f"--gpus is {gpus}, but {where} has {available} GPU(s)")
 
@@ -120,7 +170,9 @@ def trial_dirname(trial) -> str:
 
 
 def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback]) -> tune.Tuner:
-    searcher = OptunaSearcher(spec, record.study_storage, record.name)
+    searcher = OptunaSearcher(
+        spec, record.study_storage, record.name, num_samples=record.num_samples
+    )
     limit = concurrency_limit(spec, record)
     tracking = MlflowTrackingCallback(
         record.tracking_uri,
@@ -130,6 +182,7 @@ def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback])
         spec.search.metric,
         spec.search.mode,
         (record.study_storage, record.name),
+        record.directory,
     )
     return tune.Tuner(
         tune.with_resources(train_job, trial_resources(spec, record.gpus)),
@@ -145,7 +198,7 @@ def _tuner(spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback])
         run_config=tune.RunConfig(
             name=record.name,
             storage_path=record.storage_path,
-            callbacks=[tracking, *callbacks],
+            callbacks=[tracking, ReportCallback(record), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0,
@@ -165,31 +218,46 @@ def prepare(
     num_samples: int | None = None,
     max_concurrent: int | None = None,
 ) -> SweepRecord:
-    """Check the request and join/start Ray; raises ConfigError before recording anything."""
-    storage = Path(storage_path).resolve()
+    """Check the request, then join or start Ray; raises ConfigError before Ray starts
+    (or, joining a cluster, before anything is recorded)."""
+    preflight.check_sweep_name(name)
+    storage = preflight.check_storage_dir(storage_path)
     if (storage / name / RECORD_FILE).exists():
         raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples is {num_samples}, but must be >= 1")
+    if num_samples and spec.search.sampler.kind == "grid" and num_samples > grid_size(spec):
+        raise ConfigError(f"--num-samples is {num_samples}, but the grid has {grid_size(spec)}")
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent is {max_concurrent}, but must be >= 1")
+    if gpus is not None and gpus < 0:
+        raise ConfigError(f"--gpus is {gpus}, but must be >= 0")
     if address is None:  # on a cluster the data lives on the workers, not necessarily here
         check_available(spec.base.dataset)
         gpus = local_gpu_count() if gpus is None else gpus
         check_gpus(gpus, local_gpu_count(), "this machine")
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    study_storage = study_storage or f"sqlite:///{storage / name / 'optuna.db'}"
+    preflight.check_tracking_uri(tracking_uri)
+    preflight.check_study_storage(study_storage)
+    preflight.check_new_sweep(tracking_uri, study_storage, name)
+    if address is None:
         init_ray(num_gpus=gpus)
     else:
-        init_ray(address)
+        address = preflight.check_ray_address(address)
+        join_ray(address)
         available = int(ray.cluster_resources().get("GPU", 0))
         gpus = available if gpus is None else gpus
         check_gpus(gpus, available, f"the cluster at {address}")
+    remember(tracking_uri)
+    remember(study_storage)
     return SweepRecord(
         name=name,
         storage_path=str(storage),
-        tracking_uri=resolve_tracking_uri(tracking_uri),
+        tracking_uri=tracking_uri,
         experiment_id="",
         parent_run_id="",
-        study_storage=study_storage or f"sqlite:///{storage / name / 'optuna.db'}",
+        study_storage=study_storage,
         gpus=gpus,
         address=address,
         max_concurrent=max_concurrent or spec.search.max_concurrent,
@@ -198,11 +266,23 @@ def prepare(
     )
 
 
+def join_ray(address: str) -> None:
+    """Connect to the cluster at `address`; a refusal (a version or token mismatch) is a
+    ConfigError."""
+    try:
+        init_ray(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {reason}") from None
+
+
 def launch(
     spec: SpaceSpec, record: SweepRecord, callbacks: list[tune.Callback] = ()
 ) -> tune.ResultGrid:
     """Create the study and the parent run, record the sweep, run it to the end."""
     record.directory.mkdir(parents=True, exist_ok=True)
+    if record.tracking_uri.startswith("sqlite:///"):
+        preflight.sqlite_file(record.tracking_uri).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.source, record.space_file)
     open_study(spec, record.study_storage, record.name)
     client = MlflowClient(record.tracking_uri)
@@ -215,6 +295,8 @@ def launch(
         "sweep.gpus": str(record.gpus),
         "sweep.address": str(record.address),
         "sweep.max_concurrent": str(record.max_concurrent),
+        "sweep.tracking_uri": mask(record.tracking_uri),
+        "sweep.study_storage": mask(record.study_storage),
     }
     client.log_batch(parent, params=[Param(k, v) for k, v in settings.items()])
     client.log_artifact(parent, str(record.space_file))
@@ -225,15 +307,55 @@ def launch(
     return _tuner(spec, record, list(callbacks)).fit()
 
 
-def resume(record: SweepRecord) -> tune.ResultGrid:
-    """Continue an interrupted sweep where Tune's experiment state left it (the callbacks
-    given at launch come back with it)."""
-    spec = record.spec()
-    init_ray(record.address, num_gpus=None if record.address else record.gpus)
+def is_finished(record: SweepRecord) -> bool:
+    """Whether the study has all the sweep's trials (those handed to Tune: not the
+    configurations refused before they ran), none of them still running."""
+    trials = optuna.load_study(study_name=record.name, storage=record.study_storage).trials
+    ran = [t for t in trials if RAY_TRIAL_ATTR in t.user_attrs]
+    return len(ran) >= record.num_samples and all(t.state.is_finished() for t in trials)
+
+
+def check_stores(record: SweepRecord) -> None:
+    """The sweep's tracking store and study storage answer."""
+    preflight.check_tracking_uri(record.tracking_uri, "the sweep's tracking URI")
+    preflight.check_study_storage(record.study_storage, "the sweep's study storage")
+
+
+def check_resumable(record: SweepRecord) -> None:
+    """The sweep's stores answer and Tune's state is there; before Ray starts."""
+    check_stores(record)
     if not tune.Tuner.can_restore(str(record.directory)):
         raise ConfigError(
             f"sweep {record.name!r} has no Tune state to resume in {record.directory}"
         )
+
+
+def apply_journal(record: SweepRecord) -> None:
+    """Apply MLflow writes a killed driver left in the sweep's journal (no Ray needed)."""
+    if (record.directory / JOURNAL_FILE).exists():
+        writer = open_writer(
+            record.tracking_uri,
+            record.experiment_id,
+            record.parent_run_id,
+            record.name,
+            record.directory,
+        )
+        flush_writer(writer, record.name)
+
+
+def resume(record: SweepRecord) -> tune.ResultGrid | None:
+    """Continue an interrupted sweep where Tune's experiment state left it (the callbacks
+    given at launch come back with it). A finished sweep only gets its pending MLflow
+    writes applied (returns None)."""
+    check_resumable(record)
+    if is_finished(record):
+        apply_journal(record)
+        return None
+    spec = record.spec()
+    if record.address:
+        join_ray(preflight.check_ray_address(record.address))
+    else:
+        init_ray(num_gpus=record.gpus)
     tuner = tune.Tuner.restore(
         str(record.directory),
         trainable=tune.with_resources(train_job, trial_resources(spec, record.gpus)),

@@ -1,8 +1,11 @@
-"""Naive reference for the MATE loss: one Python iteration per (teacher, student) pair.
+"""Reference computations, written independently of trainer/losses.py.
 
-Written straight from DESIGN §3, independently of trainer/losses.py, so that
-tests/test_losses.py can check the batched implementation against it and
-bench/bench_loss.py can time the two side by side. Not part of the library.
+Each baseline is transcribed in our own words from its authors' code (the repository, file
+and commit are named next to each function and next to the parity tests in
+tests/test_losses.py), one exit and one exit pair at a time, with the reductions those
+scripts use. `naive_mate_loss` is MATE written from DESIGN §3 as loops over exit pairs; the
+tests check the batched implementation against it and bench/bench_loss.py times the two.
+Not part of the library.
 """
 
 from __future__ import annotations
@@ -10,26 +13,151 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.config import LossConfig
+from trainer.config import DTDConfig, LossConfig
 
-__all__ = ["naive_mate_loss"]
+__all__ = [
+    "PhuongLampertReference",
+    "byot_reference",
+    "dlkd_correlation_reference",
+    "eed_reference",
+    "naive_mate_loss",
+    "textbrewer_temperature",
+]
+
+
+def _soft_ce(student: torch.Tensor, target_probs: torch.Tensor, t: float) -> torch.Tensor:
+    """-mean_i sum_c p_ic log softmax(s_i / t)_c: the kd_loss_function of BYOT and EED and the
+    dist_loss of Phuong-Lampert (all three feed it probabilities already softened by t)."""
+    return -(target_probs * torch.log_softmax(student / t, dim=1)).sum(dim=1).mean()
+
+
+def _masked_square(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(f - target)^2 kept only where f > 0 or target > 0 (BYOT's and EED's feature loss)."""
+    return (f - target) ** 2 * ((f > 0) | (target > 0)).float()
+
+
+# luanyunteng/pytorch-be-your-own-teacher, train.py @ 8f052ad836bafae6426a68a5617ae39b2aa73b78
+def byot_reference(
+    logits: list[torch.Tensor],
+    features: list[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    temperature: float = 3.0,
+    alpha: float = 0.1,
+    beta: float = 1e-6,
+) -> torch.Tensor:
+    """(1-alpha) sum of every exit's CE + alpha T^2 soft CE of each shallower exit against the
+    deepest one's softened, detached probabilities + beta times the masked squared feature
+    distance to the deepest exit's detached features, summed over batch and dimensions."""
+    final_probs = torch.softmax(logits[-1] / temperature, dim=1).detach()
+    final_features = features[-1].detach()
+    ce = sum(F.cross_entropy(z, labels) for z in logits)
+    kd = sum(_soft_ce(z, final_probs, temperature) * temperature**2 for z in logits[:-1])
+    hint = sum(_masked_square(f, final_features).abs().sum() for f in features[:-1])
+    return (1 - alpha) * ce + alpha * kd + beta * hint
+
+
+# hjdw2/Exit-Ensemble-Distillation, train.py @ 146c9cf0e234ccdba3fa7573ca33822389f83bd7
+def eed_reference(
+    logits: list[torch.Tensor],
+    features: list[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    output: str = "MSE",
+    temperature: float = 3.0,
+) -> torch.Tensor:
+    """Every exit's CE, plus every exit (the final one too) distilled from the detached mean
+    of all exits' logits: MSE averaged over batch and classes, or 0.1 T^2 soft CE for the KL
+    variant; plus every exit's masked squared distance to the detached mean of all exits'
+    features, averaged over batch and dimensions (the script sums the exit terms, weight 1)."""
+    num_exits = len(logits)
+    target = sum(z / num_exits for z in logits).detach()
+    target_features = sum(f / num_exits for f in features).detach()
+    total = sum(F.cross_entropy(z, labels) for z in logits)
+    if output == "KL":
+        probs = torch.softmax(target / temperature, dim=1)
+        total = total + sum(0.1 * _soft_ce(z, probs, temperature) * temperature**2 for z in logits)
+    else:
+        total = total + sum(F.mse_loss(z, target) for z in logits)
+    return total + sum(_masked_square(f, target_features).abs().mean() for f in features)
+
+
+# mary-phuong/multiexit-distillation, main.py (DistillationBasedLoss) and train_cifar.py
+# @ 041fddf2e56e0f0b6d0bcb70c904edb1205e9936
+class PhuongLampertReference:
+    """The distillation-based loss with its temperature annealing, as a stateful callable.
+
+    Each call returns global_scale * [(1-C) sum of every exit's CE + C T^2 sum over the
+    shallower exits of their soft CE against the final exit's detached probabilities at T],
+    and afterwards multiplies T by `t_mult` if the final exit's mean max-probability at T
+    (in that same call) exceeded `max_prob`. T starts at 1; global_scale is 2 * 5 / K.
+    """
+
+    def __init__(self, num_exits: int, c: float = 0.5, max_prob: float = 0.5, t_mult=1.05):
+        self.c, self.max_prob, self.t_mult = c, max_prob, t_mult
+        self.global_scale = 2.0 * 5 / num_exits
+        self.T = 1.0
+
+    def __call__(self, logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        loss = (1.0 - self.c) * F.cross_entropy(logits[-1], labels)
+        final_probs = torch.softmax(logits[-1].detach() / self.T, dim=1)
+        for z in logits[:-1]:
+            loss = loss + (1.0 - self.c) * F.cross_entropy(z, labels)
+            loss = loss + self.T**2 * self.c * _soft_ce(z, final_probs, self.T)
+        if final_probs.max(dim=1).values.mean() > self.max_prob:
+            self.T *= self.t_mult
+        return loss * self.global_scale
+
+
+# ifding/DLKD, helper/losses.py (CorrLoss) @ 666dd4ac701caf33010dfb2730ffa1fde4f04271
+def dlkd_correlation_reference(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """F.kl_div(log_softmax(S_s / 0.5), softmax(S_t / 0.5), batchmean) with S the cosine
+    similarity of each sample to every sample: the student's features after its MLP head,
+    the teacher's raw features, detached. DLKD pairs augmented views with normal views; a
+    multi-exit network sees one view, so here rows and columns are the same batch."""
+
+    def similarities(f: torch.Tensor) -> torch.Tensor:
+        unit = f / f.norm(dim=1, keepdim=True)
+        return unit @ unit.T  # [B, B] cosine of every pair
+
+    log_q = torch.log_softmax(similarities(projected) / 0.5, dim=1)
+    p = torch.softmax(similarities(teacher.detach()) / 0.5, dim=1)
+    return F.kl_div(log_q, p, reduction="batchmean")
+
+
+# airaria/TextBrewer, src/textbrewer/schedulers.py @ d41c255fced4d7a995ae90d5aca5a8ab4073787c
+def textbrewer_temperature(
+    dtd: DTDConfig, student: torch.Tensor, teacher: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample temperatures base + (mean w - w) beta for one student [B, C] and its teacher.
+
+    flsw: w = (1 - cos(student, teacher))^gamma on unit-normalised logits, as TextBrewer.
+    cwsm: TextBrewer's w = 1 / (max softmax(student) + 1e-3), then divided by the batch's
+    largest w: our documented change, so that one beta fits 10 and 100 classes.
+    The project clamps the result at 0.1; TextBrewer does not clamp.
+    """
+    s, t = student.detach(), teacher.detach()
+    if dtd.weighting == "flsw":
+        s = s / torch.norm(s, dim=-1, keepdim=True)
+        t = t / torch.norm(t, dim=-1, keepdim=True)
+        w = torch.pow(1 - (s * t).sum(dim=-1), dtd.gamma)
+    else:
+        w = 1 / (torch.softmax(s, dim=-1).max(dim=-1).values + 1e-3)
+        w = w / w.max()
+    return (dtd.t0 + (w.mean() - w) * dtd.beta).clamp(min=0.1)
 
 
 def _pair_kl(cfg: LossConfig, t: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """mean_i tau_i^2 KL(p_i || softmax(s_i / tau_i)) for one teacher t [B, C], student s [B, C]."""
+    """One teacher t [B, C] -> student s [B, C] term: T^2 mean_i KL(p_i || softmax(s_i / T)),
+    or with dtd t0^2 mean_i KL(p_i || softmax(s_i / tau_i)) (TextBrewer's per-sample form)."""
     batch, num_classes = s.shape
     rows = torch.arange(batch, device=s.device)
     if cfg.dtd is None:
         tau = torch.full((batch,), cfg.temperature, device=s.device)
+        scale = cfg.temperature
     else:
-        d = cfg.dtd
-        if d.weighting == "cwsm":
-            w = 1.0 / (torch.softmax(s.detach(), dim=1).max(dim=1).values + 1e-3)
-        else:
-            sd = s.detach()
-            cos = (sd * t).sum(1) / (sd.norm(dim=1) * t.norm(dim=1))
-            w = (1.0 - cos).clamp(min=0.0) ** d.gamma
-        tau = (d.t0 + d.beta * (w.mean() - w)).clamp(min=0.1)
+        tau = textbrewer_temperature(cfg.dtd, s, t)
+        scale = cfg.dtd.t0
     p = torch.softmax(t / tau[:, None], dim=1)
     argmax = t.argmax(dim=1)
     if cfg.teacher_adjust == "lsr":
@@ -43,17 +171,7 @@ def _pair_kl(cfg: LossConfig, t: torch.Tensor, s: torch.Tensor, y: torch.Tensor)
         p[rows, y] = p_argmax
     log_q = torch.log_softmax(s / tau[:, None], dim=1)
     kl = (torch.xlogy(p, p) - p * log_q).sum(dim=1)
-    return (tau**2 * kl).mean()
-
-
-def _correlation(f_student: torch.Tensor, f_final: torch.Tensor) -> torch.Tensor:
-    def sim(f: torch.Tensor) -> torch.Tensor:
-        f = f / f.norm(dim=1, keepdim=True)
-        return f @ f.T / 0.5
-
-    p = torch.softmax(sim(f_final.detach()), dim=1)
-    log_q = torch.log_softmax(sim(f_student), dim=1)
-    return (torch.xlogy(p, p) - p * log_q).sum(dim=1).mean()
+    return scale**2 * kl.mean()
 
 
 def naive_mate_loss(
@@ -62,11 +180,15 @@ def naive_mate_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
     teacher_logits: torch.Tensor,
+    projections: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MATE total loss, written as loops over exits and exit pairs."""
     num_exits = logits.shape[0]
     z = [logits[k].float() for k in range(num_exits)]
-    w = torch.softmax(teacher_logits.float(), dim=1)
+    a = teacher_logits.float()
+    if cfg.teacher_support == "deeper":  # teacher j mixes exits j..K only
+        a = torch.stack([torch.cat([a[j, :j] - torch.inf, a[j, j:]]) for j in range(num_exits)])
+    w = torch.softmax(a, dim=1)
     teachers = [sum(w[j, k] * z[k] for k in range(num_exits)) for j in range(num_exits)]
     lam, mu = cfg.kd_weight, cfg.primary_weight
 
@@ -81,7 +203,7 @@ def naive_mate_loss(
             loss = loss + lam * weight * _pair_kl(cfg, teachers[j].detach(), z[k], labels)
     if cfg.correlation_weight > 0.0:
         for k in range(num_exits - 1):
-            loss = loss + cfg.correlation_weight * _correlation(
-                features[k].float(), features[-1].float()
+            loss = loss + cfg.correlation_weight * dlkd_correlation_reference(
+                projections[k].float(), features[-1].float()
             )
     return loss

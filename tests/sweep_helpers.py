@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import pytest
+import sqlalchemy
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -12,6 +19,7 @@ from orchestrator.sweep import SweepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPACE = ROOT / "search_spaces" / "mate_digits.yaml"
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"  # trust authentication: any password works
 
 
 def short_digits_space(directory: Path, *, max_epochs: int = 4, num_samples: int = 8) -> Path:
@@ -44,3 +52,36 @@ def child_runs(record: SweepRecord) -> list:
 
 def study_trials(record: SweepRecord) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=record.name, storage=record.study_storage).trials
+
+
+@contextlib.contextmanager
+def postgres_databases(*roles: str) -> Iterator[list[str]]:
+    """One fresh database per role on the local PostgreSQL (Optuna and MLflow each keep
+    their own Alembic schema version, so they cannot share one), dropped afterwards; skips
+    the test when no PostgreSQL runs."""
+    admin = sqlalchemy.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        connection = admin.connect()
+    except sqlalchemy.exc.OperationalError as err:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({err.orig})")
+    names = [f"mate_{role}_{uuid.uuid4().hex[:8]}" for role in roles]
+    for name in names:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    try:
+        yield [f"{POSTGRES}/{name}" for name in names]
+    finally:
+        for name in names:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        connection.close()
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def ray_temp_dir() -> Iterator[str]:
+    """A Ray temp dir of a sweep's own, under /tmp: Ray's unix socket paths in it must stay
+    within 107 characters (pytest's tmp_path is too deep)."""
+    directory = tempfile.mkdtemp(prefix="mt-ray-", dir="/tmp")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -39,6 +39,28 @@ def test_train_writes_metrics_and_checkpoint(runner, tmp_path):
     assert "exit" in result.output and "ensemble" in result.output
 
 
+DIGITS_KIND = """
+dataset: {{name: digits, val_fraction: 0.2}}
+model: {{arch: convnet, exits: [1, 2, 3, 4]}}
+loss: {{kind: {kind}}}
+optim: {{lr: 0.05}}
+train: {{epochs: 6, batch_size: 64}}
+"""
+
+
+@pytest.mark.parametrize("kind", ["dsn", "byot", "eed", "phuong_lampert", "mate"])
+def test_train_every_kind_with_its_defaults_learns_digits(runner, tmp_path, kind):
+    config = write(tmp_path, DIGITS_KIND.format(kind=kind))
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["train", "--config", config, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics[M.exit_acc(4)] >= 0.90
+    assert set(M.epoch_metric_names(4, kind)) <= set(metrics)
+    if kind == "phuong_lampert":  # annealed from 1 while the final exit is confident
+        assert metrics[M.TRAIN_TEMPERATURE] > 1.05
+
+
 def test_validate_accepts_good_config(runner, tmp_path):
     result = runner.invoke(main, ["validate", write(tmp_path, TINY)])
     assert result.exit_code == 0

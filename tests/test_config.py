@@ -20,6 +20,55 @@ def test_parse_defaults_resolve_kind_dependent_values():
     assert parse_job_config({"model": {"arch": "resnet50"}}).model.exits == [4, 8, 12, 16]
 
 
+@pytest.mark.parametrize(
+    ("arch", "exits"),
+    [
+        ("convnet", [1, 2, 3, 4]),
+        ("resnet18", [2, 4, 6, 8]),
+        ("resnet50", [4, 8, 12, 16]),
+        ("resnet20", [3, 5, 7, 9]),  # 9 blocks: the last exit is still the last block
+        ("resnet32", [4, 8, 12, 15]),
+        ("resnet56", [7, 14, 21, 27]),
+        ("resnet110", [14, 27, 41, 54]),
+    ],
+)
+def test_default_exits_close_each_quarter_and_end_with_the_last_block(arch, exits):
+    assert parse_job_config({"model": {"arch": arch}}).model.exits == exits
+
+
+@pytest.mark.parametrize(
+    ("loss", "kd_weight", "temperature", "feature_weight"),
+    [
+        ({"kind": "byot"}, 0.1, 3.0, 1e-6),
+        ({"kind": "eed"}, 1.0, 3.0, 1.0),
+        ({"kind": "eed", "eed_output": "kl"}, 0.1, 3.0, 1.0),
+        ({"kind": "phuong_lampert"}, 0.5, 1.0, 0.0),
+        ({"kind": "mate"}, 0.5, 3.0, 0.0),
+    ],
+)
+def test_parse_resolves_each_kinds_reference_defaults(loss, kd_weight, temperature, feature_weight):
+    resolved = parse_job_config({"loss": loss}).loss
+    assert (resolved.kd_weight, resolved.temperature) == (kd_weight, temperature)
+    assert resolved.feature_weight == feature_weight
+
+
+def test_overrides_re_resolve_kind_defaults_but_keep_explicit_values():
+    base = parse_job_config({"loss": {"kind": "byot", "temperature": 4.0}})
+    pl = apply_overrides(base, {"loss.kind": "phuong_lampert"})
+    assert (pl.loss.kd_weight, pl.loss.temperature, pl.loss.feature_weight) == (0.5, 4.0, 0.0)
+
+
+def test_kd_weight_above_one_only_where_no_ce_weight_turns_negative():
+    assert parse_job_config({"loss": {"kind": "eed", "kd_weight": 5.0}}).loss.kd_weight == 5.0
+    for kind in ("mate", "byot", "phuong_lampert"):
+        with pytest.raises(ConfigError, match="CE weight is 1 - kd_weight") as err:
+            parse_job_config({"loss": {"kind": kind, "kd_weight": 1.5}}, source="job.yaml")
+        assert str(err.value) == (
+            f"job.yaml: `loss.kd_weight` is 1.5, but must be <= 1 for {kind}, "
+            "whose CE weight is 1 - kd_weight"
+        )
+
+
 def test_parse_round_trips_through_dict():
     cfg = parse_job_config({"loss": {"dtd": {"t0": 5.0}}, "train": {"epochs": 3}})
     assert parse_job_config(cfg.to_dict()) == cfg
@@ -37,6 +86,9 @@ def test_parse_round_trips_through_dict():
         ({"train": {"epochs": "many"}}, "`train.epochs` is 'many', but input should be"),
         ({"train": {"device": "tpu"}}, "`train.device` is 'tpu'"),
         ({"dataset": {"val_fraction": 1.0}}, "`dataset.val_fraction` is 1.0, but input should"),
+        ({"dataset": {"train_fraction": 0}}, "`dataset.train_fraction` is 0, but input should be"),
+        ({"dataset": {"train_fraction": 1.5}}, "`dataset.train_fraction` is 1.5, but input"),
+        ({"model": {"arch": "resnet20", "exits": [3, 6]}}, "last block of resnet20 (9)"),
         ({"model": {"exits": [2, 1, 4]}}, "`model.exits` is [2, 1, 4], but must be strictly"),
         ({"model": {"exits": [1, 2]}}, "must end with the last block of convnet (4)"),
         ({"model": {"arch": "resnet18", "exits": [0, 8]}}, "resnet18 has blocks 1..8"),

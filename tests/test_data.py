@@ -83,6 +83,34 @@ def test_digits_mean_and_std_come_from_the_train_split(digits):
     assert digits.std[0] == pytest.approx(x.std(correction=0).item(), abs=1e-9)
 
 
+def test_train_fraction_is_a_stratified_nested_subset_beside_a_fixed_val_split(digits):
+    def load(fraction, seed=0):
+        return load_splits(
+            _cfg(name="digits", val_fraction=0.1, train_fraction=fraction), seed=seed
+        )
+
+    half, quarter = load(0.5), load(0.25)
+    for part in (half, quarter):  # the val split does not move with the fraction
+        assert torch.equal(part.val.images, digits.val.images)
+        assert torch.equal(part.test.labels, digits.test.labels)
+    full_counts = torch.bincount(digits.train.labels)
+    for part, fraction in ((half, 0.5), (quarter, 0.25)):
+        counts = torch.bincount(part.train.labels, minlength=10)
+        assert torch.equal(counts, (full_counts * fraction).round().long())
+        assert not _rows(part.train) - _rows(digits.train)  # drawn from the training split
+    assert not _rows(quarter.train) - _rows(half.train)  # nested
+    again, other = load(0.25), load(0.25, seed=1)
+    assert torch.equal(again.train.images, quarter.train.images)
+    assert not torch.equal(other.train.images, quarter.train.images)
+    assert quarter.mean != digits.mean  # normalised with the subset's own statistics
+
+
+def test_train_fraction_that_drops_a_class_is_an_error():
+    cfg = _cfg(name="digits", val_fraction=0.1, train_fraction=0.002)
+    with pytest.raises(DataError, match=r"train_fraction 0.002 leaves some classes without"):
+        load_splits(cfg)
+
+
 def test_digits_rejects_an_image_size():
     with pytest.raises(DataError, match=r"dataset.image_size is 32, but digits images are 8 px"):
         load_splits(_cfg(name="digits", image_size=32))

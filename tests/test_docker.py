@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,14 @@ DOCKER = ROOT / "docker"
 
 def _compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _url_password(value: str) -> str | None:
+    """The password written in a URL value, if it has one."""
+    if "://" not in value or "@" not in value:
+        return None
+    userinfo = value.split("://", 1)[1].rsplit("@", 1)[0]
+    return userinfo.partition(":")[2] or None
 
 
 def test_compose_services_reference_each_other_consistently():
@@ -63,3 +72,32 @@ def test_dockerfile_copies_only_existing_paths():
     assert sources
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_compose_takes_every_secret_from_the_uncommitted_env_file():
+    text = (DOCKER / "compose.yaml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == {"POSTGRES_PASSWORD", "RAY_AUTH_TOKEN"}
+    example = (DOCKER / "example.env").read_text()
+    assert set(re.findall(r"^(\w+)=", example, re.MULTILINE)) == required
+    for name, service in _compose()["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if "PASSWORD" in key or "TOKEN" in key:
+                assert str(value).startswith("${"), f"{name}: {key} is written in the file"
+            password = _url_password(str(value))
+            assert password is None or password.startswith("${"), f"{name}: {key} has one"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT)
+    assert ignored.returncode == 0, "docker/.env would be committed"
+
+
+def test_compose_mlflow_server_allows_only_its_own_host_names():
+    command = " ".join(_compose()["services"]["mlflow"]["command"].split())
+    hosts = re.search(r"--allowed-hosts (\S+)", command).group(1).split(",")
+    assert {"mlflow", "mlflow:5000", "localhost:5000", "127.0.0.1:5000"} <= set(hosts)
+    assert "*" not in hosts
+    origins = re.search(r"--cors-allowed-origins (\S+)", command).group(1).split(",")
+    assert origins == ["http://localhost:5000", "http://127.0.0.1:5000"]
+    # The backend URL holds the database password: environment, not argv (`ps` shows argv).
+    assert "--backend-store-uri" not in command
+    backend = _compose()["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert backend.startswith("postgresql://mate:${POSTGRES_PASSWORD")

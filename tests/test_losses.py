@@ -1,26 +1,38 @@
 """Tests for trainer/losses.py.
 
 Expected values are written out from DESIGN §3 with plain `math` on tiny lists, or come from
-the pairwise-loop reference in tests/reference_losses.py, never from the module's helpers.
+tests/reference_losses.py (the authors' computations transcribed, and MATE's pairwise
+loops), never from the module's helpers.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from reference_losses import naive_mate_loss
-from trainer.config import DTDConfig, LossConfig
+from reference_losses import (
+    PhuongLampertReference,
+    byot_reference,
+    dlkd_correlation_reference,
+    eed_reference,
+    naive_mate_loss,
+)
+from trainer.config import DTDConfig, LossConfig, ModelConfig
 from trainer.losses import (
+    annealed_temperature,
     correlation_loss,
     dynamic_temperature,
     ensemble_teachers,
     init_teacher_logits,
     multi_exit_loss,
     soft_targets,
+    teacher_weights,
 )
+from trainer.models import create_model
 
 # ---------------------------------------------------------------------------------------------
 # Hand-computation helpers on python lists
@@ -74,16 +86,44 @@ def _sum_ce(*exits: list[list[float]]) -> float:
 
 
 def _random_inputs(k: int, b: int = 8, c: int = 5, d: int = 6, seed: int = 0):
+    """logits [k, b, c], post-ReLU-like features [k, b, d] (some units off), labels, teacher
+    logits a [k, k] and projections [k-1, b, d]."""
     g = torch.Generator().manual_seed(seed)
     logits = 2.0 * torch.randn(k, b, c, generator=g)
-    features = torch.randn(k, b, d, generator=g)
+    features = torch.randn(k, b, d, generator=g).clamp(min=-0.2)
     labels = torch.randint(0, c, (b,), generator=g)
     a = 0.5 * torch.randn(k, k, generator=g)
+    projections = torch.randn(k - 1, b, d, generator=g)
     # Make the last teacher right on every other sample, so both knowledge-adjustment
     # branches (teacher right / wrong) occur.
     teacher = torch.einsum("k,kbc->bc", torch.softmax(a[-1], dim=0), logits)
     labels[::2] = teacher.argmax(dim=-1)[::2]
-    return logits, features, labels, a
+    return logits, features, labels, a, projections
+
+
+def _loss_and_grads(loss_fn, *inputs: torch.Tensor, **kwargs):
+    """(value, gradient of every floating-point input) of loss_fn(*inputs); inputs are cloned,
+    None stays None."""
+    leaves = [
+        x.clone().requires_grad_(True) if x is not None and x.is_floating_point() else x
+        for x in inputs
+    ]
+    value = loss_fn(*leaves, **kwargs)
+    value = value.total if isinstance(value, tuple) else value
+    value.backward()
+    grads = [x.grad for x in leaves if x is not None and x.is_floating_point()]
+    return value.detach(), grads
+
+
+def _assert_same(ours, reference) -> None:
+    """Values and gradients agree to 1e-5 relative (a missing gradient counts as zero)."""
+    (value, grads), (ref_value, ref_grads) = ours, reference
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        if ref_grad is None:
+            assert grad is None or not grad.any()
+        else:
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,23 +138,59 @@ def test_multi_exit_loss_dsn_matches_hand_computation():
 
 def test_multi_exit_loss_byot_matches_hand_computation():
     a, t, b = 0.1, 3.0, 0.1
-    cfg = LossConfig(kind="byot", temperature=t, feature_weight=b)
-    assert cfg.kd_weight == a
+    cfg = LossConfig(kind="byot", feature_weight=b)
+    assert (cfg.kd_weight, cfg.temperature) == (a, t)
     soft = _mean([_soft_ce(_softmax(Z2[i], t), _softmax(Z1[i], t)) for i in range(2)])
     # Masked squared distance: sample 0 keeps dim 0 only (dim 1 is <= 0 in both):
-    # (1 - -0.5)^2 = 2.25; sample 1 keeps both: (0.5 - 1)^2 + (2 - -1)^2 = 9.25.
-    hint = _mean([2.25, 9.25])
+    # (1 - -0.5)^2 = 2.25; sample 1 keeps both: (0.5 - 1)^2 + (2 - -1)^2 = 9.25; summed over
+    # the batch, as the authors' code does.
+    hint = 2.25 + 9.25
     expected = (1 - a) * _sum_ce(Z1, Z2) + a * t * t * soft + b * hint
     assert multi_exit_loss(cfg, *_inputs()).total.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_multi_exit_loss_eed_matches_hand_computation():
-    c, t = 1.0, 3.0
-    cfg = LossConfig(kind="eed", temperature=t)
-    assert cfg.kd_weight == c
-    teacher = [[(u + v) / 2 for u, v in zip(Z1[i], Z2[i], strict=True)] for i in range(2)]
-    kd = sum(_mean([_kl_t(teacher[i], z[i], t) for i in range(2)]) for z in (Z1, Z2))
-    expected = _sum_ce(Z1, Z2) + c * kd
+def _exit_mean(vectors: list[list[list[float]]]) -> list[list[float]]:
+    """Elementwise mean over exits of [K][B][D] lists -> [B][D]."""
+    k = len(vectors)
+    return [
+        [sum(v[i][d] for v in vectors) / k for d in range(len(vectors[0][i]))] for i in range(2)
+    ]
+
+
+def _eed_feature_term() -> float:
+    fbar = _exit_mean([F1, F2])  # [[0.25, -1.5], [0.75, 0.5]]
+    total = 0.0
+    for f in (F1, F2):
+        sq = [
+            (f[i][d] - fbar[i][d]) ** 2 if f[i][d] > 0 or fbar[i][d] > 0 else 0.0
+            for i in range(2)
+            for d in range(2)
+        ]
+        total += _mean(sq)  # mean over batch and dimensions
+    return total
+
+
+def test_multi_exit_loss_eed_mse_matches_hand_computation():
+    cfg = LossConfig(kind="eed")
+    assert (cfg.eed_output, cfg.kd_weight, cfg.feature_weight) == ("mse", 1.0, 1.0)
+    zbar = _exit_mean([Z1, Z2])
+    mse = sum(
+        _mean([(z[i][c] - zbar[i][c]) ** 2 for i in range(2) for c in range(3)]) for z in (Z1, Z2)
+    )
+    expected = _sum_ce(Z1, Z2) + mse + _eed_feature_term()
+    assert multi_exit_loss(cfg, *_inputs()).total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_exit_loss_eed_kl_matches_hand_computation():
+    t = 3.0
+    cfg = LossConfig(kind="eed", eed_output="kl")
+    assert (cfg.kd_weight, cfg.temperature) == (0.1, t)
+    zbar = _exit_mean([Z1, Z2])
+    soft = sum(
+        _mean([_soft_ce(_softmax(zbar[i], t), _softmax(z[i], t)) for i in range(2)])
+        for z in (Z1, Z2)
+    )
+    expected = _sum_ce(Z1, Z2) + 0.1 * t * t * soft + _eed_feature_term()
     assert multi_exit_loss(cfg, *_inputs()).total.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -122,9 +198,12 @@ def test_multi_exit_loss_phuong_lampert_matches_hand_computation():
     c, t = 0.5, 2.0
     cfg = LossConfig(kind="phuong_lampert", temperature=t)
     assert cfg.kd_weight == c
-    kd = _mean([_kl_t(Z2[i], Z1[i], t) for i in range(2)])
-    expected = (1 - c) * _sum_ce(Z1, Z2) + c * kd
+    soft = _mean([_soft_ce(_softmax(Z2[i], t), _softmax(Z1[i], t)) for i in range(2)])
+    expected = 10 / 2 * ((1 - c) * _sum_ce(Z1, Z2) + c * t * t * soft)  # scale 2 * 5 / K
     assert multi_exit_loss(cfg, *_inputs()).total.item() == pytest.approx(expected, rel=1e-6)
+    # The engine's annealed temperature replaces the configured one.
+    out = multi_exit_loss(cfg.model_copy(update={"temperature": 7.0}), *_inputs(), temperature=t)
+    assert out.total.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_multi_exit_loss_mate_matches_hand_computation():
@@ -164,7 +243,8 @@ def test_multi_exit_loss_mate_primary_weight_one_keeps_only_primary_teachers():
 
 
 def test_multi_exit_loss_phuong_lampert_with_dtd_and_lsr_matches_hand_computation():
-    # Teacher Z2 is right on sample 0 and wrong on sample 1; cwsm weights from the student Z1.
+    # Teacher Z2 is right on sample 0 and wrong on sample 1; cwsm weights from the student Z1,
+    # scaled by the batch's largest. Each sample's soft CE at its own tau, times t0^2.
     t0, beta = 4.0, 2.0
     cfg = LossConfig(
         kind="phuong_lampert",
@@ -172,10 +252,11 @@ def test_multi_exit_loss_phuong_lampert_with_dtd_and_lsr_matches_hand_computatio
         teacher_adjust="lsr",
     )
     w = [1.0 / (max(_softmax(Z1[i])) + 1e-3) for i in range(2)]
+    w = [x / max(w) for x in w]
     tau = [max(t0 + beta * (_mean(w) - w[i]), 0.1) for i in range(2)]
     targets = [_softmax(Z2[0], tau[0]), [0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3]]
-    kd = _mean([tau[i] ** 2 * _kl(targets[i], _softmax(Z1[i], tau[i])) for i in range(2)])
-    expected = 0.5 * _sum_ce(Z1, Z2) + 0.5 * kd
+    kd = t0**2 * _mean([_soft_ce(targets[i], _softmax(Z1[i], tau[i])) for i in range(2)])
+    expected = 10 / 2 * (0.5 * _sum_ce(Z1, Z2) + 0.5 * kd)
     assert multi_exit_loss(cfg, *_inputs()).total.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -195,12 +276,133 @@ def test_multi_exit_loss_per_exit_ce_is_detached_ce_of_each_exit():
 
 
 # ---------------------------------------------------------------------------------------------
-# MATE: gradients, single exit, batched == naive
+# Parity with the authors' code, transcribed in tests/reference_losses.py
+# ---------------------------------------------------------------------------------------------
+
+
+# luanyunteng/pytorch-be-your-own-teacher, train.py @ 8f052ad836bafae6426a68a5617ae39b2aa73b78
+def test_byot_matches_reference_values_and_gradients():
+    logits, features, labels, _, _ = _random_inputs(4, seed=1)
+    ours = _loss_and_grads(
+        lambda z, f: multi_exit_loss(LossConfig(kind="byot"), z, f, labels), logits, features
+    )
+    reference = _loss_and_grads(
+        lambda z, f: byot_reference(list(z), list(f), labels), logits, features
+    )
+    _assert_same(ours, reference)
+
+
+# hjdw2/Exit-Ensemble-Distillation, train.py @ 146c9cf0e234ccdba3fa7573ca33822389f83bd7
+@pytest.mark.parametrize(("eed_output", "reference_output"), [("mse", "MSE"), ("kl", "KL")])
+def test_eed_matches_reference_values_and_gradients(eed_output, reference_output):
+    logits, features, labels, _, _ = _random_inputs(4, seed=2)
+    cfg = LossConfig(kind="eed", eed_output=eed_output)
+    ours = _loss_and_grads(lambda z, f: multi_exit_loss(cfg, z, f, labels), logits, features)
+    reference = _loss_and_grads(
+        lambda z, f: eed_reference(list(z), list(f), labels, output=reference_output),
+        logits,
+        features,
+    )
+    _assert_same(ours, reference)
+
+
+def _annealing_batches(steps: int, num_exits: int = 3):
+    """Random logits per step; the final exit's confidence alternates between clearly above
+    and clearly below 1/2 at T near 1, so the temperature both grows and holds."""
+    g = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        logits = torch.randn(num_exits, 16, 10, generator=g)
+        logits[-1, :, 0] += 8.0 if step % 3 != 2 else 0.0
+        yield logits, torch.randint(0, 10, (16,), generator=g)
+
+
+def _reference_pl_step(logits, features, labels, *, reference):
+    return reference(list(logits), labels)  # the reference has no feature term
+
+
+# mary-phuong/multiexit-distillation, main.py (DistillationBasedLoss) and train_cifar.py
+# @ 041fddf2e56e0f0b6d0bcb70c904edb1205e9936
+def test_phuong_lampert_annealing_matches_reference_and_resumes_exactly(tmp_path):
+    steps, stop = 8, 3
+    cfg = LossConfig(kind="phuong_lampert")
+    assert (cfg.temperature, cfg.anneal_factor, cfg.anneal_max_prob) == (1.0, 1.05, 0.5)
+    reference = PhuongLampertReference(num_exits=3)
+    temperature = torch.tensor(cfg.temperature)
+    temperatures = []
+    for step, (logits, labels) in enumerate(_annealing_batches(steps)):
+        if step == stop:  # checkpoint and restore the state as the engine does
+            torch.save({"temperature": temperature}, tmp_path / "state.pt")
+            temperature = torch.load(tmp_path / "state.pt", weights_only=True)["temperature"]
+        inputs = (logits, torch.zeros(3, 16, 2), labels)
+        ours = _loss_and_grads(partial(multi_exit_loss, cfg), *inputs, temperature=temperature)
+        _assert_same(ours, _loss_and_grads(_reference_pl_step, *inputs, reference=reference))
+        temperature = annealed_temperature(temperature, logits[-1], 1.05, 0.5)
+        assert temperature.item() == pytest.approx(reference.T, rel=1e-6)
+        temperatures.append(reference.T)
+    grew = [b > a for a, b in itertools.pairwise([1.0, *temperatures])]
+    assert any(grew) and not all(grew)  # the sequence exercises both branches
+
+
+# ifding/DLKD, helper/losses.py (CorrLoss) @ 666dd4ac701caf33010dfb2730ffa1fde4f04271
+def test_correlation_matches_dlkd_reference_values_and_gradients():
+    logits, features, labels, _, projections = _random_inputs(3, b=12, seed=4)
+    cfg = LossConfig(kind="phuong_lampert", correlation_weight=2.0)
+
+    def ours_fn(f, proj):
+        with_term = multi_exit_loss(cfg, logits, f, labels, projections=proj).total
+        without = multi_exit_loss(
+            cfg.model_copy(update={"correlation_weight": 0.0}), logits, f, labels
+        )
+        return with_term - without.total
+
+    def reference_fn(f, proj):
+        return 2.0 * sum(dlkd_correlation_reference(proj[k], f[-1]) for k in range(2))
+
+    ours = _loss_and_grads(ours_fn, features, projections)
+    _assert_same(ours, _loss_and_grads(reference_fn, features, projections))
+    assert ours[1][0] is None or not ours[1][0][-1].any()  # the final exit's features: no grad
+
+
+# MATE against the pairwise loops of DESIGN §3; its modifiers against TextBrewer's dtd
+# (airaria/TextBrewer, src/textbrewer/schedulers.py @ d41c255fced4d7a995ae90d5aca5a8ab4073787c),
+# the knowledge adjustments as "Preparing Lessons" describes them, and DLKD's CorrLoss.
+@pytest.mark.parametrize(
+    ("num_exits", "dtd", "adjust", "support"),
+    [
+        *itertools.product([1, 2, 4], [None, "cwsm", "flsw"], ["none", "lsr", "ps"], ["all"]),
+        (4, None, "ps", "deeper"),
+        (4, "flsw", "lsr", "deeper"),
+    ],
+)
+def test_multi_exit_loss_mate_matches_naive_pairwise_reference(num_exits, dtd, adjust, support):
+    cfg = LossConfig(
+        kind="mate",
+        primary_weight=0.6,
+        teacher_support=support,
+        dtd=None if dtd is None else DTDConfig(t0=3.0, beta=1.5, weighting=dtd, gamma=2.0),
+        teacher_adjust=adjust,
+        correlation_weight=0.3,
+    )
+    logits, features, labels, a, projections = _random_inputs(num_exits, seed=num_exits)
+    teachers = torch.einsum("jk,kbc->jbc", torch.softmax(a, dim=1), logits)
+    right = teachers.argmax(-1) == labels
+    assert right.any() and not right.all()  # the fixture exercises both adjustment branches
+    inputs = (logits, features, labels, a, projections if num_exits > 1 else None)
+
+    def batched(z, f, y, w, proj):
+        return multi_exit_loss(cfg, z, f, y, w, projections=proj)
+
+    ours = _loss_and_grads(batched, *inputs)
+    _assert_same(ours, _loss_and_grads(lambda *x: naive_mate_loss(cfg, *x), *inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# MATE: gradients, single exit, precision
 # ---------------------------------------------------------------------------------------------
 
 
 def test_multi_exit_loss_mate_gradients_reach_teacher_weights_and_every_exit():
-    logits, features, labels, _ = _random_inputs(4)
+    logits, features, labels, _, _ = _random_inputs(4)
     logits.requires_grad_(True)
     a = init_teacher_logits(4, "deeper").requires_grad_(True)
     multi_exit_loss(LossConfig(kind="mate"), logits, features, labels, a).total.backward()
@@ -210,13 +412,22 @@ def test_multi_exit_loss_mate_gradients_reach_teacher_weights_and_every_exit():
 
 def test_multi_exit_loss_mate_teacher_weights_learn_only_from_teacher_ce():
     # Teachers are detached inside the KL terms: a_j's gradient is that of sum_j CE(t_j).
-    logits, features, labels, a = _random_inputs(3)
+    logits, features, labels, a, _ = _random_inputs(3)
     a1 = a.clone().requires_grad_(True)
     multi_exit_loss(LossConfig(kind="mate"), logits, features, labels, a1).total.backward()
     a2 = a.clone().requires_grad_(True)
     teachers = torch.einsum("jk,kbc->jbc", torch.softmax(a2, dim=1), logits)
     sum(torch.nn.functional.cross_entropy(t, labels) for t in teachers).backward()
     torch.testing.assert_close(a1.grad, a2.grad)
+
+
+def test_multi_exit_loss_mate_deeper_support_ignores_shallower_exits():
+    logits, features, labels, a, _ = _random_inputs(3)
+    a = a.requires_grad_(True)
+    cfg = LossConfig(kind="mate", teacher_support="deeper")
+    multi_exit_loss(cfg, logits, features, labels, a).total.backward()
+    assert not a.grad.tril(diagonal=-1).any()  # a_jk for k < j gets no gradient
+    assert a.grad.triu().abs().sum() > 0
 
 
 KINDS = ["dsn", "byot", "eed", "phuong_lampert", "mate"]
@@ -229,51 +440,24 @@ ALL_MODIFIERS = {
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_multi_exit_loss_single_exit_is_finite(kind):
-    logits, features, labels, a = _random_inputs(1)
+    logits, features, labels, a, _ = _random_inputs(1)
     cfg = LossConfig(kind=kind, primary_weight=0.3, **ALL_MODIFIERS)
     out = multi_exit_loss(cfg, logits, features, labels, a)
     assert torch.isfinite(out.total)
 
 
-@pytest.mark.parametrize("num_exits", [1, 2, 4])
-@pytest.mark.parametrize("dtd", [None, "cwsm", "flsw"])
-@pytest.mark.parametrize("adjust", ["none", "lsr", "ps"])
-def test_multi_exit_loss_mate_matches_naive_pairwise_reference(num_exits, dtd, adjust):
-    cfg = LossConfig(
-        kind="mate",
-        primary_weight=0.6,
-        dtd=None if dtd is None else DTDConfig(t0=3.0, beta=1.5, weighting=dtd, gamma=2.0),
-        teacher_adjust=adjust,
-        correlation_weight=0.3,
-    )
-    logits, features, labels, a = _random_inputs(num_exits, seed=num_exits)
-    teachers = torch.einsum("jk,kbc->jbc", torch.softmax(a, dim=1), logits)
-    right = teachers.argmax(-1) == labels
-    assert right.any() and not right.all()  # the fixture exercises both adjustment branches
-
-    grads = []
-    for loss_fn in (multi_exit_loss, naive_mate_loss):
-        z = logits.clone().requires_grad_(True)
-        f = features.clone().requires_grad_(True)
-        w = a.clone().requires_grad_(True)
-        out = loss_fn(cfg, z, f, labels, w)
-        total = out.total if isinstance(out, tuple) else out
-        total.backward()
-        grads.append((total.detach(), z.grad, f.grad, w.grad))
-    for batched, naive in zip(*grads, strict=True):
-        if naive is None:  # features get no gradient without the correlation term
-            assert batched is None or not batched.any()
-        else:
-            torch.testing.assert_close(batched, naive, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_multi_exit_loss_finite_under_bf16_autocast(kind):
-    logits, features, labels, a = _random_inputs(3, b=16, c=10)
+    logits, features, labels, a, projections = _random_inputs(3, b=16, c=10)
     logits = (10 * logits).bfloat16().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = multi_exit_loss(
-            LossConfig(kind=kind, **ALL_MODIFIERS), logits, features.bfloat16(), labels, a
+            LossConfig(kind=kind, **ALL_MODIFIERS),
+            logits,
+            features.bfloat16(),
+            labels,
+            a,
+            projections=projections.bfloat16(),
         )
     assert out.total.dtype == torch.float32
     assert torch.isfinite(out.total)
@@ -327,8 +511,48 @@ def test_dynamic_temperature_cwsm_matches_formula():
     assert tau.shape == (1, 2, 2)
     for k, z in enumerate((Z1, Z2)):
         w = [1.0 / (max(_softmax(z[i])) + 1e-3) for i in range(2)]
+        w = [x / max(w) for x in w]  # scaled to (0, 1] by the batch's largest
         expected = [4.0 + 2.0 * (_mean(w) - w[i]) for i in range(2)]
         assert tau[0, k].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def _init_logits(num_classes: int) -> torch.Tensor:
+    """Logits [K, 128, C] of a freshly initialised multi-exit ResNet-18 on a CIFAR-shaped batch
+    (training mode: batch statistics, as during the first steps)."""
+    torch.manual_seed(num_classes)
+    cfg = ModelConfig(arch="resnet18")
+    model = create_model(cfg, num_classes=num_classes, in_channels=3, image_size=32)
+    with torch.no_grad():
+        return model(torch.randn(128, 3, 32, 32)).logits
+
+
+def _confident_logits(num_classes: int) -> torch.Tensor:
+    """Logits [2, 512, C] shaped like a trained network's: batch 0 with max-probabilities spread
+    evenly from chance to 0.999, batch 1 with 90% near-certain (0.999) and 10% near-chance
+    samples, the heavy tail that drove the unscaled cwsm weights (1 to C) below the clamp."""
+    g = torch.Generator().manual_seed(num_classes)
+    chance = 1.0 / num_classes
+    spread = chance + (0.999 - chance) * torch.rand(512, generator=g)
+    tail = torch.where(torch.rand(512, generator=g) < 0.1, 2 * chance, 0.999)
+    batches = []
+    for p_max in (spread, tail):
+        # One class at logit log(p (C-1) / (1-p)), the rest at 0: its softmax is exactly p.
+        logits = torch.zeros(512, num_classes)
+        logits[:, 0] = torch.log(p_max * (num_classes - 1) / (1 - p_max))
+        batches.append(logits + 0.1 * torch.randn(512, num_classes, generator=g))
+    return torch.stack(batches)
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("stage", ["init", "trained"])
+def test_dynamic_temperature_default_stays_in_range_for_10_and_100_classes(num_classes, stage):
+    dtd = DTDConfig()  # the defaults, t0 = 4
+    logits = _init_logits(num_classes) if stage == "init" else _confident_logits(num_classes)
+    for student in logits:
+        tau = dynamic_temperature(dtd, student[None], student[None])[0, 0]  # [B]
+        assert (tau > 0.1).float().mean() >= 0.99  # above the clamp
+        within = (tau >= dtd.t0 / 4) & (tau <= 4 * dtd.t0)
+        assert within.float().mean() >= 0.95
 
 
 def test_dynamic_temperature_flsw_matches_formula():
@@ -382,14 +606,14 @@ def test_soft_targets_rejects_unknown_adjustment():
         soft_targets(torch.tensor(Z2), torch.tensor(Y), torch.tensor(1.0), "xx")
 
 
-def test_correlation_loss_zero_when_student_features_equal_final():
-    f = torch.randn(1, 8, 5).expand(3, -1, -1)
-    assert correlation_loss(f).item() == pytest.approx(0.0, abs=1e-6)
+def test_correlation_loss_zero_when_projections_equal_final_features():
+    f = torch.randn(8, 5)
+    assert correlation_loss(f.expand(3, -1, -1), f).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_correlation_loss_positive_when_features_differ():
     f = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(1))
-    assert correlation_loss(f).item() > 1e-3
+    assert correlation_loss(f[:-1], f[-1]).item() > 1e-3
 
 
 def test_ensemble_teachers_is_softmax_weighted_sum_of_exits():
@@ -400,6 +624,28 @@ def test_ensemble_teachers_is_softmax_weighted_sum_of_exits():
         w = _softmax(a[j])
         for i in range(2):
             assert t[j, i].tolist() == pytest.approx(_mix(w, [Z1[i], Z2[i]]), rel=1e-6)
+    # deeper support: teacher 2 may only use exit 2, so it is exit 2 exactly.
+    deeper = ensemble_teachers(logits, torch.tensor(a), support="deeper")
+    torch.testing.assert_close(deeper[0], t[0])
+    torch.testing.assert_close(deeper[1], logits[1])
+
+
+def test_teacher_weights_deeper_support_renormalises_over_exits_j_to_k():
+    a = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [5.0, 5.0, 0.0]])
+    w = teacher_weights(a, "deeper")
+    assert w[0].tolist() == pytest.approx(_softmax([0.0, 1.0, 2.0]), rel=1e-6)
+    assert w[1].tolist() == pytest.approx([0.0, 0.5, 0.5], rel=1e-6)
+    assert w[2].tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="teacher_support is 'shallower'"):
+        teacher_weights(a, "shallower")
+
+
+def test_annealed_temperature_grows_only_while_the_final_exit_is_confident():
+    confident = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])  # max softmax at T=2: 0.69
+    t = torch.tensor(2.0)
+    assert annealed_temperature(t, confident, 1.05, 0.5).item() == pytest.approx(2.1)
+    assert annealed_temperature(t, confident, 1.05, 0.7).item() == 2.0  # 0.69 is not > 0.7
+    assert max(_softmax([3.0, 0.0, 0.0], 2.0)) == pytest.approx(0.6914, abs=1e-4)
 
 
 def test_init_teacher_logits_uniform_weighs_all_exits_equally():

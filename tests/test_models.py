@@ -20,14 +20,21 @@ from trainer.models import (
 )
 
 NUM_CLASSES = 10
-# Input (C, H, W) per arch: digits for the convnet, CIFAR for ResNet-18; the deeper ResNets
-# see 16 px (final map 2x2, same CIFAR-stem code path) to keep CPU tests fast.
+# Input (C, H, W) per arch: digits for the convnet, CIFAR for ResNet-18 and resnet20; the
+# deeper ResNets see 16 px (final map 2x2, same CIFAR-stem code path) to keep CPU tests fast.
 INPUT = {
     "convnet": (1, 8, 8),
     "resnet18": (3, 32, 32),
     "resnet34": (3, 16, 16),
     "resnet50": (3, 16, 16),
+    "resnet20": (3, 32, 32),
+    "resnet32": (3, 16, 16),
+    "resnet56": (3, 16, 16),
+    "resnet110": (3, 16, 16),
 }
+FEATURE_DIM = {"convnet": 64, "resnet18": 512, "resnet34": 512, "resnet50": 2048} | dict.fromkeys(
+    ["resnet20", "resnet32", "resnet56", "resnet110"], 64
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,12 +97,14 @@ def test_backbone_block_metadata_matches_blocks(arch: str) -> None:
         ("resnet18", [8]),
         ("resnet34", [4, 8, 12, 16]),
         ("resnet50", [4, 8, 12, 16]),
+        ("resnet20", [3, 6, 9]),
+        ("resnet110", [14, 27, 41, 54]),
     ],
 )
 def test_multi_exit_output_shapes(arch: str, exits: list[int]) -> None:
     model = _model(arch, exits)
     out = model(_batch(arch))
-    dim = {"convnet": 64, "resnet18": 512, "resnet34": 512, "resnet50": 2048}[arch]
+    dim = FEATURE_DIM[arch]
     assert (model.num_exits, model.exits, model.feature_dim) == (len(exits), exits, dim)
     assert out.logits.shape == (len(exits), 2, NUM_CLASSES)
     assert out.features.shape == (len(exits), 2, dim)
@@ -116,6 +125,7 @@ def test_multi_exit_every_parameter_gets_gradient(arch: str) -> None:
         ("convnet", [1, 2, 3, 4]),
         ("resnet18", [1, 2, 3, 4, 5, 6, 7, 8]),
         ("resnet50", [3, 4, 15, 16]),
+        ("resnet20", [1, 3, 4, 6, 7, 9]),
     ],
 )
 def test_exit_heads_reach_final_resolution(arch: str, exits: list[int]) -> None:
@@ -200,6 +210,35 @@ def test_exit_gflops_resnet18_cifar_matches_hand_count() -> None:
     assert 1.09 < gflops[-1] < 1.13
 
 
+def test_exit_gflops_resnet20_matches_hand_count() -> None:
+    # Multiply-adds at 32 px: stem 32*32*16*3*9; stage 1: 6 convs of 32*32*16*16*9; stages 2
+    # and 3: a stride-2 conv of 1,179,648 plus 5 convs of 2,359,296 each; fc 64*10. Option-A
+    # shortcuts cost nothing. He et al.: "about 41 M"; FlopCounterMode counts 2 per multiply-add.
+    macs = 442_368 + 6 * 2_359_296 + 2 * (1_179_648 + 5 * 2_359_296) + 640
+    assert macs == 40_551_040
+    assert exit_gflops(_model("resnet20", [9]), INPUT["resnet20"]) == [2 * macs / 1e9]
+
+
+@pytest.mark.parametrize(
+    ("arch", "millions"),
+    [("resnet20", 0.27), ("resnet32", 0.46), ("resnet56", 0.85), ("resnet110", 1.7)],
+)
+def test_cifar_resnet_parameters_match_the_paper(arch: str, millions: float) -> None:
+    # He et al. 2016, Table 6 (CIFAR-10): the single-exit network, backbone plus classifier.
+    model = _model(arch, [BLOCKS_PER_ARCH[arch]])
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 2 if millions < 1 else 1) == millions
+
+
+def test_cifar_resnet_option_a_shortcut_subsamples_and_zero_pads() -> None:
+    block = BACKBONES["resnet20"](in_channels=3, stem="cifar").blocks[3]  # stage 2's first
+    x = torch.arange(2 * 16 * 4 * 4, dtype=torch.float32).view(2, 16, 4, 4)
+    expected = torch.zeros(2, 32, 2, 2)
+    expected[:, 8:24] = x[:, :, 0::2, 0::2]  # 8 zero channels either side, every other pixel
+    assert torch.equal(block.downsample(x), expected)
+    assert not list(block.downsample.parameters())
+
+
 def test_exit_gflops_keeps_mode_and_bn_stats() -> None:
     model = _model("convnet")
     model.heads[0].eval()
@@ -207,3 +246,21 @@ def test_exit_gflops_keeps_mode_and_bn_stats() -> None:
     exit_gflops(model, INPUT["convnet"])
     assert model.training and not model.heads[0].training and model.heads[1].training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_projection_heads_run_in_training_only_and_cost_no_anytime_flops() -> None:
+    c, h, _ = INPUT["convnet"]
+    cfg = ModelConfig(arch="convnet")
+    plain = create_model(cfg, num_classes=NUM_CLASSES, in_channels=c, image_size=h)
+    torch.manual_seed(0)
+    model = create_model(
+        cfg, num_classes=NUM_CLASSES, in_channels=c, image_size=h, projection_heads=True
+    )
+    out = model(_batch("convnet", batch=4))
+    assert out.projections.shape == (3, 4, 64)  # exits 1..3, D = 64
+    out.projections.square().sum().backward()
+    for name, param in model.projectors.named_parameters():
+        assert param.grad is not None and param.grad.any(), name
+    assert any(key.startswith("projectors.2.") for key in model.state_dict())  # checkpointed
+    assert model.eval()(_batch("convnet")).projections is None
+    assert exit_gflops(model, INPUT["convnet"]) == exit_gflops(plain, INPUT["convnet"])

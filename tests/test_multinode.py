@@ -1,4 +1,4 @@
-"""A sweep on a two-node Ray cluster (DESIGN §5, `launch --address`).
+"""A sweep on a two-node Ray cluster (DESIGN §5, `launch --address`), and one that loses a node.
 
 Each node is a test host of its own: a network namespace joined to the other by a veth pair
 (addresses that exist only inside the two namespaces, so no traffic leaves this machine). The
@@ -24,11 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from orchestrator.sweep import SweepRecord
 from sweep_helpers import child_runs, short_digits_space, sweep_args
+from trainer.metrics import TRAIN_LOSS
 
 BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP, PORT = "10.231.0.1", "10.231.0.2", 6379
@@ -63,13 +66,17 @@ class Cluster:
     head_ns: str
     env: dict[str, str]
     node_ids: dict[str, str]  # node IP -> Ray node id
+    worker_ns: str
 
-    def launch(self, workdir: Path, space: Path, name: str, *options: str):
-        """`orchestrate launch --address` from the head's namespace."""
+    def command(self, workdir: Path, space: Path, name: str, *options: str) -> list[str]:
+        """`orchestrate launch --address` in the head's namespace."""
         command = [str(BIN / "orchestrate"), "launch", "--space", str(space), "--address"]
         command += [ADDRESS, *sweep_args(workdir, name), *options]
+        return ["ip", "netns", "exec", self.head_ns, *command]
+
+    def launch(self, workdir: Path, space: Path, name: str, *options: str):
         return subprocess.run(
-            ["ip", "netns", "exec", self.head_ns, *command],
+            self.command(workdir, space, name, *options),
             cwd=workdir,
             env=self.env,
             capture_output=True,
@@ -158,6 +165,9 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop now, no 30 s drain
+        # A killed node is declared dead after 3 missed 1 s health checks (default 5 x 3 s).
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
     }
     try:
         _run("ip", "netns", "add", worker_ns)
@@ -184,7 +194,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         assert nodes.returncode == 0, nodes.stdout + nodes.stderr
         node_ids = json.loads(nodes.stdout.strip().splitlines()[-1])
         assert sorted(node_ids) == [HEAD_IP, WORKER_IP], nodes.stdout + nodes.stderr
-        yield Cluster(head_ns, env, node_ids)
+        yield Cluster(head_ns, env, node_ids, worker_ns)
     finally:
         _stop(processes, namespaces)
         _run("ip", "link", "del", f"{head_ns}v", check=False)  # if it never left this namespace
@@ -235,3 +245,72 @@ def test_more_gpus_than_the_cluster_has_is_refused(cluster, tmp_path):
     message = f"--gpus is {WORKER_GPUS + 1}, but the cluster at {ADDRESS} has {WORKER_GPUS} GPU(s)"
     assert message in result.stderr
     assert not (tmp_path / "sweeps" / "too-many").exists()
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _raylet_pid(ns: str) -> int:
+    for pid in _run("ip", "netns", "pids", ns).stdout.split():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
+                return int(pid)
+    raise AssertionError(f"no raylet in {ns}")
+
+
+@pytest.mark.slow  # and last in this module: it kills the worker node
+def test_trials_of_a_lost_node_resume_on_the_survivor(cluster, tmp_path):
+    # Trials long enough that the worker's first actor is up before the head's first trial
+    # ends (else Tune hands the head's actor the next trial, and the worker gets none).
+    epochs, num_samples = 8, 3
+    space = _space(tmp_path, num_samples=num_samples, max_epochs=epochs, gpu=0)
+    sweep_dir = tmp_path / "sweeps" / "lost"
+    launch = subprocess.Popen(
+        cluster.command(tmp_path, space, "lost", "--gpus", "0"),
+        cwd=tmp_path,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + SWEEP_TIMEOUT
+
+    def on_worker() -> list[Path]:
+        return [
+            d
+            for d in sweep_dir.glob("trial_*")
+            if any(r["node_ip"] == WORKER_IP for r in _results(d))
+        ]
+
+    while not on_worker():
+        assert launch.poll() is None, launch.stdout.read()
+        assert time.monotonic() < deadline, "no trial reported from the worker node"
+        time.sleep(0.2)
+    os.kill(_raylet_pid(cluster.worker_ns), signal.SIGKILL)
+    output, _ = launch.communicate(timeout=SWEEP_TIMEOUT)
+    assert launch.returncode == 0, output
+    victims = on_worker()
+    moved = [d for d in victims if {r["node_ip"] for r in _results(d)} == {WORKER_IP, HEAD_IP}]
+    assert len(moved) == 1, "the lost node's trial never ran on the head"
+    victim = moved[0]
+    for trial_dir in sweep_dir.glob("trial_*"):  # (each epoch once: MLflow, below)
+        assert _results(trial_dir)[-1]["epoch"] == epochs
+    on_head = [r for r in _results(victim) if r["node_ip"] == HEAD_IP]
+    # Restored from its last checkpoint on the head, not started again from epoch 1.
+    assert on_head[0]["iterations_since_restore"] == 1 and on_head[0]["epoch"] >= 2
+    record = SweepRecord.load("lost", tmp_path / "sweeps")
+    runs = child_runs(record)
+    assert len(runs) == num_samples and {r.info.status for r in runs} == {"FINISHED"}
+    client = MlflowClient(record.tracking_uri)
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, TRAIN_LOSS)]
+        assert steps == list(range(1, epochs + 1)), steps
+    number = json.loads((victim / "params.json").read_text())["optuna_trial_number"]
+    (moved_run,) = [r for r in runs if r.data.tags["optuna_trial_number"] == str(number)]
+    assert moved_run.data.tags["node_id"] == cluster.node_ids[HEAD_IP]
+    trials = optuna.load_study(study_name="lost", storage=record.study_storage).trials
+    all_epochs = [list(range(1, epochs + 1))] * num_samples
+    assert [sorted(t.intermediate_values) for t in trials] == all_epochs

@@ -7,18 +7,27 @@ Ray Tune, real Optuna storage) and reads the studies back.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import optuna
 import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.optuna_search import OptunaPruningScheduler, OptunaSearcher, open_study
+from orchestrator.optuna_search import (
+    ERROR_ATTR,
+    OptunaPruningScheduler,
+    OptunaSearcher,
+    failure_reason,
+    open_study,
+)
 from orchestrator.space import load_space
 from sweep_helpers import short_digits_space
 from trainer import metrics as M
+from trainer.trainable import TRIAL_ERROR
 
 State = optuna.trial.TrialState
 EPOCHS = 4
@@ -131,3 +140,92 @@ def test_searcher_survives_pickling(tmp_path, spec):
     copy = pickle.loads(pickle.dumps(searcher))
     copy.on_trial_complete("a", {M.EPOCH: EPOCHS, METRIC: 0.7})
     assert copy.study.trials[0].state == State.COMPLETE
+
+
+def _restored(searcher: OptunaSearcher, spec, url: str, name: str) -> OptunaSearcher:
+    """A searcher as Tune restores it after a driver crash: from an older saved state."""
+    restored = OptunaSearcher(spec, url, name, num_samples=searcher.num_samples)
+    restored.set_state(copy.deepcopy(searcher.get_state()))
+    return restored
+
+
+def test_restored_searcher_adopts_a_trial_the_crashed_driver_started(tmp_path, spec):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    searcher = OptunaSearcher(spec, url, "crash")
+    searcher.suggest("a")
+    searcher.report("a", {M.EPOCH: 1, METRIC: 0.5})
+    saved = _restored(searcher, spec, url, "crash")  # Tune's last experiment checkpoint
+    lost = searcher.suggest("b")  # started after it: Tune's restored state has no "b"
+    searcher.report("b", {M.EPOCH: 1, METRIC: 0.6})
+    searcher.report("a", {M.EPOCH: 2, METRIC: 0.55})
+
+    adopted = saved.suggest("c")  # Tune asks again for the trial it lost
+    assert adopted == lost  # same Optuna trial number, same params
+    assert len(saved.study.trials) == 2
+    # Both restart from older checkpoints: steps the study has are not reported again.
+    assert not saved.report("c", {M.EPOCH: 1, METRIC: 0.1})
+    assert not saved.report("a", {M.EPOCH: 2, METRIC: 0.1})
+    assert not saved.report("a", {M.EPOCH: 3, METRIC: 0.58})
+    values = {t.number: t.intermediate_values for t in saved.study.trials}
+    assert values == {0: {1: 0.5, 2: 0.55, 3: 0.58}, 1: {1: 0.6}}
+    assert saved.study.trials[1].user_attrs["ray_trial_id"] == "c"
+
+
+def test_restored_searcher_stops_a_trial_the_study_finished(tmp_path, spec):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    searcher = OptunaSearcher(spec, url, "done")
+    searcher.suggest("a")
+    saved = _restored(searcher, spec, url, "done")
+    for epoch in range(1, EPOCHS + 1):
+        searcher.report("a", {M.EPOCH: epoch, METRIC: 0.5})
+    searcher.on_trial_complete("a", {M.EPOCH: EPOCHS, METRIC: 0.5})
+    assert saved.report("a", {M.EPOCH: 1, METRIC: 0.5})  # stop: nothing left to learn
+    saved.on_trial_complete("a", {M.EPOCH: 1, METRIC: 0.5})
+    assert saved.study.trials[0].state == State.COMPLETE
+    assert saved.study.trials[0].value == 0.5
+
+
+def test_restored_searcher_counts_a_lost_trial_that_finished_against_the_budget(tmp_path, spec):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    searcher = OptunaSearcher(spec, url, "budget", num_samples=2)
+    searcher.suggest("a")
+    saved = _restored(searcher, spec, url, "budget")
+    searcher.suggest("b")  # started after Tune's last checkpoint, and pruned before the crash
+    searcher.pruned.add("b")
+    searcher.on_trial_complete("b", {M.EPOCH: 1, METRIC: 0.1})
+    # Restored, Tune knows one trial of two and asks for another: the budget is spent.
+    assert saved.suggest("c") == Searcher.FINISHED
+    assert [t.state for t in saved.study.trials] == [State.RUNNING, State.PRUNED]
+
+
+def test_failed_trial_keeps_why_in_the_study(tmp_path, spec):
+    searcher = OptunaSearcher(spec, f"sqlite:///{tmp_path / 's.db'}", "why")
+    searcher.suggest("nan")
+    searcher.suggest("crash")
+    searcher.on_trial_complete("nan", {TRIAL_ERROR: "NonFiniteLossError: loss is nan"})
+    searcher.errors["crash"] = "RuntimeError: boom"  # what the scheduler read from Tune
+    searcher.on_trial_complete("crash", error=True)
+    trials = searcher.study.trials
+    assert [t.state for t in trials] == [State.FAIL, State.FAIL]
+    assert [t.user_attrs[ERROR_ATTR] for t in trials] == [
+        "NonFiniteLossError: loss is nan",
+        "RuntimeError: boom",
+    ]
+
+
+def test_failure_reason_is_the_exception_line_of_the_last_failure(tmp_path):
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "Failure # 1 (occurred at 2026-01-01)\nThe actor died unexpectedly.\n\tpid: 12\n"
+        "Failure # 2 (occurred at 2026-01-01)\nray::ImplicitFunc.train() (pid=3)\n"
+        '  File "x.py", line 1, in f\nRuntimeError: boom\n'
+    )
+
+    class Trial:
+        pass
+
+    trial = Trial()
+    trial.error_file = str(error_file)
+    assert failure_reason(trial) == "RuntimeError: boom"
+    error_file.write_text("Failure # 1 (occurred at 2026-01-01)\nThe actor died unexpectedly.\n")
+    assert failure_reason(trial) == "The actor died unexpectedly."

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
-
 import optuna
 import pytest
-import sqlalchemy
 from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.sweep import SweepRecord
-from sweep_helpers import child_runs, short_digits_space, study_trials
-
-SERVER = "postgresql://postgres@127.0.0.1:5432"
+from sweep_helpers import child_runs, postgres_databases, short_digits_space, study_trials
 
 
 @pytest.fixture
 def databases():
-    """Two fresh databases on the local PostgreSQL (Optuna and MLflow each keep their own
-    Alembic schema version, so they cannot share one), dropped afterwards."""
-    admin = sqlalchemy.create_engine(f"{SERVER}/test", isolation_level="AUTOCOMMIT")
-    try:
-        connection = admin.connect()
-    except sqlalchemy.exc.OperationalError as err:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({err.orig})")
-    names = [f"mate_{role}_{uuid.uuid4().hex[:8]}" for role in ("optuna", "mlflow")]
-    for name in names:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    yield [f"{SERVER}/{name}" for name in names]
-    for name in names:
-        connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
-    connection.close()
-    admin.dispose()
+    with postgres_databases("optuna", "mlflow") as urls:
+        yield urls
 
 
 def test_sweep_with_postgres_study_and_tracking(local_ray, tmp_path, databases, monkeypatch):

@@ -1,8 +1,12 @@
-"""An interrupted sweep (Ctrl-C of a real `orchestrate launch`) resumes to exactly
-num_samples trials, with no MLflow run duplicated and no Optuna trial left RUNNING."""
+"""An interrupted sweep (Ctrl-C, or SIGKILL of a real `orchestrate launch`) resumes to
+exactly num_samples trials, with no MLflow run duplicated or left RUNNING, no epoch
+recorded twice, and no Optuna trial left RUNNING. A sweep whose stores have passwords keeps
+them out of every output, file and MLflow run, and `resume` takes them from the
+environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,12 +16,21 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import EXIT_INTERRUPTED, main
 from orchestrator.sweep import SweepRecord
-from sweep_helpers import child_runs, short_digits_space, study_trials, sweep_args
+from sweep_helpers import (
+    child_runs,
+    postgres_databases,
+    ray_temp_dir,
+    short_digits_space,
+    study_trials,
+    sweep_args,
+)
+from trainer.metrics import TRAIN_LOSS
 
 State = optuna.trial.TrialState
 NUM_SAMPLES = 6
@@ -29,6 +42,19 @@ def _finished_trials(workdir, name: str) -> int:
         return sum(t.state.is_finished() for t in study_trials(record))
     except Exception:  # the sweep is not recorded yet
         return 0
+
+
+def _assert_finished_with_one_run_per_trial(record: SweepRecord, num_samples: int):
+    """num_samples trials, none RUNNING, each with exactly one finished MLflow run."""
+    trials = study_trials(record)
+    assert len(trials) == num_samples, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    assert all(t.state in (State.COMPLETE, State.PRUNED) for t in trials)
+    children = child_runs(record)
+    numbers = Counter(r.data.tags["optuna_trial_number"] for r in children)
+    assert sorted(numbers) == sorted(str(t.number) for t in trials)
+    assert set(numbers.values()) == {1}, "a trial has two runs"
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}
+    return trials, children
 
 
 def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
@@ -58,13 +84,89 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
     result = CliRunner().invoke(main, ["resume", "cut", "--storage", str(tmp_path / "sweeps")])
     assert result.exit_code == 0, result.output
 
-    trials = study_trials(record)
-    assert len(trials) == NUM_SAMPLES
-    assert all(t.state in (State.COMPLETE, State.PRUNED) for t in trials)
-    children = child_runs(record)
-    numbers = Counter(r.data.tags["optuna_trial_number"] for r in children)
-    assert sorted(numbers) == sorted(str(t.number) for t in trials)
-    assert set(numbers.values()) == {1}
-    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}
+    _assert_finished_with_one_run_per_trial(record, NUM_SAMPLES)
     parent = MlflowClient(record.tracking_uri).get_run(record.parent_run_id)
     assert parent.info.status == "FINISHED"
+
+
+PASSWORD = "pw-8f3c1a"  # PostgreSQL trusts 127.0.0.1: any password connects
+KILLED_SAMPLES = 4
+
+
+def _with_password(url: str) -> str:
+    return url.replace("postgres@", f"postgres:{PASSWORD}@")
+
+
+def _mid_sweep(record_file: Path, study_storage: str) -> bool:
+    """A trial finished and a running one has reported an epoch."""
+    if not record_file.exists():  # written once the study is there
+        return False
+    name = record_file.parent.name
+    trials = optuna.load_study(study_name=name, storage=study_storage).trials
+    finished = sum(t.state.is_finished() for t in trials)
+    return finished >= 1 and any(t.state == State.RUNNING and t.intermediate_values for t in trials)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_records_each_epoch_once_and_no_password(
+    local_ray, tmp_path, monkeypatch
+):
+    with postgres_databases("optuna", "mlflow") as urls, ray_temp_dir() as ray_dir:
+        study_db, tracking_db = (_with_password(url) for url in urls)
+        space = short_digits_space(tmp_path, max_epochs=4, num_samples=KILLED_SAMPLES)
+        launch = [str(Path(sys.executable).with_name("orchestrate")), "launch"]
+        launch += ["--space", str(space), "--name", "killed"]
+        launch += ["--storage", str(tmp_path / "sweeps"), "--study-storage", study_db]
+        launch += ["--tracking-uri", tracking_db]
+        env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir}
+        process = subprocess.Popen(
+            launch,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 240
+        while not _mid_sweep(tmp_path / "sweeps" / "killed" / "sweep.json", study_db):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+        launch_output, _ = process.communicate(timeout=60)
+
+        storage = ["--storage", str(tmp_path / "sweeps")]
+        runner = CliRunner()
+        refused = runner.invoke(main, ["resume", "killed", *storage])
+        assert refused.exit_code == 2
+        assert "give its password with --tracking-uri or MLFLOW_TRACKING_URI" in refused.output
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_db)
+        monkeypatch.setenv("MATE_STUDY_STORAGE", study_db)
+        resumed = runner.invoke(main, ["resume", "killed", *storage])
+        assert resumed.exit_code == 0, resumed.output
+        status = runner.invoke(main, ["status", "killed", *storage])
+        assert status.exit_code == 0, status.output
+        again = runner.invoke(main, ["resume", "killed", *storage])  # nothing left to run
+        assert again.exit_code == 0 and "sweep killed had finished" in again.output
+
+        record = SweepRecord.load("killed", tmp_path / "sweeps", [study_db, tracking_db])
+        trials, children = _assert_finished_with_one_run_per_trial(record, KILLED_SAMPLES)
+        client = MlflowClient(record.tracking_uri)
+        by_number = {int(r.data.tags["optuna_trial_number"]): r.info.run_id for r in children}
+        for t in trials:
+            steps = [m.step for m in client.get_metric_history(by_number[t.number], TRAIN_LOSS)]
+            assert steps == list(range(1, len(t.intermediate_values) + 1)), (t.number, steps)
+        parent = client.get_run(record.parent_run_id)
+        assert parent.info.status == "FINISHED"
+
+        # The password appears in no output, no file of the sweep, no MLflow param or tag.
+        assert "***" in launch_output and "***" in status.output
+        for text in (launch_output, refused.output, resumed.output, status.output, again.output):
+            assert PASSWORD not in text
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert PASSWORD.encode() not in path.read_bytes(), path
+        assert parent.data.params["sweep.tracking_uri"] == tracking_db.replace(PASSWORD, "***")
+        for run in [parent, *children]:
+            assert PASSWORD not in json.dumps([run.data.params, run.data.tags])

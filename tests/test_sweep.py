@@ -35,10 +35,16 @@ def sweep(local_ray, tmp_path_factory):
 
 
 def test_launch_prints_top5_and_next_commands(sweep):
-    _, _, output = sweep
+    _, record, output = sweep
     assert "top 5 of e2e" in output
     assert "orchestrate promote e2e" in output
     assert "orchestrate ui" in output
+    # The progress line's best is the final table's: the best COMPLETE trial's final value.
+    best = max(
+        (t for t in study_trials(record) if t.state == State.COMPLETE), key=lambda t: t.value
+    )
+    progress = next(line for line in output.splitlines() if line.startswith("trials "))
+    assert progress.endswith(f"| best {M.MEAN_EXIT_ACC} {best.value:.4f} (trial {best.number})")
 
 
 def test_sweep_study_has_pruned_and_complete_trials(sweep):
@@ -66,7 +72,8 @@ def test_sweep_mlflow_has_parent_and_one_child_per_trial(sweep):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["search.metric"] == "val/mean_exit_acc"
     assert f"best/{M.MEAN_EXIT_ACC}" in parent.data.metrics
-    assert [a.path for a in client.list_artifacts(record.parent_run_id)] == ["space.yaml"]
+    paths = [a.path for a in client.list_artifacts(record.parent_run_id)]
+    assert paths == ["report.html", "space.yaml"]
     children = child_runs(record)
     numbers = sorted(int(r.data.tags["optuna_trial_number"]) for r in children)
     assert numbers == list(range(NUM_SAMPLES))
@@ -87,10 +94,14 @@ def test_sweep_child_runs_mirror_the_study(sweep):
         assert run.data.params["train.epochs"] == str(MAX_EPOCHS)
         exits = json.loads(run.data.params["model.exits"])
         epochs_ran = len(trial.intermediate_values)
+        steps = list(range(1, epochs_ran + 1))
         for k in range(1, len(exits) + 1):
-            history = client.get_metric_history(run.info.run_id, M.exit_acc(k))
-            assert [m.step for m in history] == list(range(1, epochs_ran + 1))
+            for name in (M.exit_acc(k), M.teacher_acc(k), M.teacher_weight(k, 1)):
+                history = client.get_metric_history(run.info.run_id, name)
+                assert [m.step for m in history] == steps, name
             assert run.data.metrics[M.exit_gflops(k)] > 0
+        diversity = client.get_metric_history(run.info.run_id, M.TEACHER_DIVERSITY)
+        assert [m.step for m in diversity] == steps
         mean_acc = client.get_metric_history(run.info.run_id, M.MEAN_EXIT_ACC)
         assert [m.value for m in mean_acc] == pytest.approx(
             [trial.intermediate_values[s] for s in range(1, epochs_ran + 1)]
@@ -99,6 +110,8 @@ def test_sweep_child_runs_mirror_the_study(sweep):
             max(trial.intermediate_values.values())
         )
         assert run.data.tags["node_id"]
+        figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+        assert figures == ["figures/anytime.png", "figures/exit_accuracy.png"]  # pruned too
 
 
 def test_sweep_best_trial_checkpoint_is_an_artifact(sweep):
@@ -106,7 +119,11 @@ def test_sweep_best_trial_checkpoint_is_an_artifact(sweep):
     client = MlflowClient(record.tracking_uri)
     best_run = client.get_run(record.parent_run_id).data.tags["best_run_id"]
     paths = [a.path for a in client.list_artifacts(best_run, "checkpoint")]
-    assert paths == ["checkpoint/checkpoint.pt"]
+    assert paths == ["checkpoint/anytime.json", "checkpoint/checkpoint.pt"]
+    best = max(
+        (t for t in study_trials(record) if t.state == State.COMPLETE), key=lambda t: t.value
+    )
+    assert client.get_run(best_run).data.tags["optuna_trial_number"] == str(best.number)
 
 
 def test_status_lists_the_trials(sweep):
@@ -121,7 +138,9 @@ def test_status_lists_the_trials(sweep):
 
 def test_promote_registers_champion_with_test_metrics(sweep):
     workdir, record, _ = sweep
-    args = ["promote", "e2e", "--epochs", "2", "--register", "digits-e2e"]
+    # As many epochs as the trials ran: after 2, a shallow exit of a good config can still
+    # be near chance on digits.
+    args = ["promote", "e2e", "--epochs", str(MAX_EPOCHS), "--register", "digits-e2e"]
     result = CliRunner().invoke(main, [*args, "--storage", str(workdir / "sweeps")])
     assert result.exit_code == 0, result.output
     client = MlflowClient(record.tracking_uri)
@@ -134,7 +153,7 @@ def test_promote_registers_champion_with_test_metrics(sweep):
     )
     assert run.data.tags["promoted_from_trial"] == str(best.number)
     assert run.data.params["dataset.val_fraction"] == "0.0"
-    assert run.data.params["train.epochs"] == "2"
+    assert run.data.params["train.epochs"] == str(MAX_EPOCHS)
     num_exits = len(json.loads(run.data.params["model.exits"]))
     for k in range(1, num_exits + 1):
         assert 0.5 < run.data.metrics[M.exit_acc(k, "test")] <= 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -36,19 +37,46 @@ __all__ = [
     "apply_overrides",
     "load_job_config",
     "parse_job_config",
+    "parse_job_file",
+    "read_yaml",
 ]
 
 # Number of residual/conv blocks of each backbone: `model.exits` indexes these, 1-based.
-BLOCKS_PER_ARCH: dict[str, int] = {"convnet": 4, "resnet18": 8, "resnet34": 16, "resnet50": 16}
+# resnet20/32/56/110 are He et al.'s CIFAR ResNets: 3 stages of n basic blocks, 3n in all.
+BLOCKS_PER_ARCH: dict[str, int] = {
+    "convnet": 4,
+    "resnet18": 8,
+    "resnet34": 16,
+    "resnet50": 16,
+    "resnet20": 9,
+    "resnet32": 15,
+    "resnet56": 27,
+    "resnet110": 54,
+}
 
-# Distillation weight per loss kind when `loss.kd_weight` is not given (DESIGN §3).
+# Each kind's defaults when `loss.kd_weight`, `loss.temperature` or `loss.feature_weight` is
+# not given: the reference code's values (README, "Losses"); mate is a reconstruction.
 DEFAULT_KD_WEIGHT: dict[str, float] = {
-    "mate": 0.5,
-    "byot": 0.1,
-    "eed": 1.0,
-    "phuong_lampert": 0.5,
+    "mate": 0.5,  # lambda
+    "byot": 0.1,  # alpha, pytorch-be-your-own-teacher train.py --alpha
+    "eed": 1.0,  # MSE output term (Exit-Ensemble-Distillation train.py); 0.1 with eed_output: kl
+    "phuong_lampert": 0.5,  # C, multiexit-distillation train_cifar.py
     "dsn": 0.0,
 }
+EED_KL_WEIGHT = 0.1  # EED's weight of its T^2 soft-CE output term (--loss_output KL)
+DEFAULT_TEMPERATURE: dict[str, float] = {
+    "mate": 3.0,
+    "byot": 3.0,  # train.py --temperature
+    "eed": 3.0,  # train.py --temperature (KL output term only)
+    "phuong_lampert": 1.0,  # DistillationBasedLoss: T starts at 1 and is annealed
+    "dsn": 3.0,  # unused
+}
+DEFAULT_FEATURE_WEIGHT: dict[str, float] = {
+    "byot": 1e-6,  # train.py --beta
+    "eed": 1.0,  # train.py: L_F enters the total with weight 1
+}
+# Kinds whose loss has a (1 - kd_weight) CE term, so kd_weight > 1 would make it negative.
+_CONVEX_KINDS = ("mate", "byot", "phuong_lampert")
 
 
 class ConfigError(ValueError):
@@ -56,7 +84,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetConfig(_Strict):
@@ -65,6 +93,8 @@ class DatasetConfig(_Strict):
     )
     root: str = "~/data"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # Class-stratified share of the training split (after val is carved) a job trains on.
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     download: bool = False
     # Side length the images are resized to (imagefolder) or generated at (synthetic).
     image_size: int | None = Field(None, ge=8, le=512)
@@ -74,8 +104,17 @@ class DatasetConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["convnet", "resnet18", "resnet34", "resnet50"] = "convnet"
-    exits: list[int] | None = None  # None: four evenly spaced exits
+    arch: Literal[
+        "convnet",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet20",
+        "resnet32",
+        "resnet56",
+        "resnet110",
+    ] = "convnet"
+    exits: list[int] | None = None  # None: four exits, at the end of each quarter of the blocks
     head_width: float = Field(1.0, gt=0.0, le=4.0)
     stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar below 64 px
 
@@ -99,13 +138,17 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _default_exits(self) -> ModelConfig:
         if self.exits is None:
-            step = BLOCKS_PER_ARCH[self.arch] // 4
-            object.__setattr__(self, "exits", [step * i for i in range(1, 5)])
+            # After the last block of each quarter, rounded up: ends with the last block, and
+            # strictly ascending since every arch has >= 4 blocks (resnet20: 3, 5, 7, 9).
+            blocks = BLOCKS_PER_ARCH[self.arch]
+            object.__setattr__(self, "exits", [math.ceil(i * blocks / 4) for i in range(1, 5)])
         return self
 
 
 class DTDConfig(_Strict):
-    """Dynamic temperature distillation (Wen et al., "Preparing Lessons")."""
+    """Dynamic temperature distillation (Wen et al., "Preparing Lessons"): per-sample
+    temperatures t0 + beta (mean w - w_i); cwsm weights are scaled to (0, 1] by the batch's
+    largest, so temperatures stay within t0 +- beta for any number of classes."""
 
     t0: float = Field(4.0, gt=0.0)
     beta: float = Field(2.0, ge=0.0)
@@ -115,20 +158,46 @@ class DTDConfig(_Strict):
 
 class LossConfig(_Strict):
     kind: Literal["mate", "byot", "eed", "phuong_lampert", "dsn"] = "mate"
-    temperature: float = Field(3.0, gt=0.0, le=100.0)
-    kd_weight: float | None = Field(None, ge=0.0, le=1.0)  # None: the kind's default
+    temperature: float | None = Field(None, gt=0.0, le=100.0)  # None: the kind's default
+    kd_weight: float | None = Field(None, ge=0.0)  # None: the kind's default
+    feature_weight: float | None = Field(None, ge=0.0)  # byot's b, eed's feature weight
+    eed_output: Literal["mse", "kl"] = "mse"  # eed's output distillation term
+    # phuong_lampert: after each step T *= anneal_factor while the final exit's mean
+    # max-probability at T exceeds anneal_max_prob (1.0 keeps T fixed).
+    anneal_factor: float = Field(1.05, ge=1.0, le=2.0)
+    anneal_max_prob: float = Field(0.5, gt=0.0, lt=1.0)
     primary_weight: float = Field(0.7, ge=0.0, le=1.0)
     teacher_init: Literal["deeper", "uniform", "next"] = "deeper"
+    teacher_support: Literal["all", "deeper"] = "all"  # deeper: teacher j mixes exits j..K
     dtd: DTDConfig | None = None
     teacher_adjust: Literal["none", "lsr", "ps"] = "none"
-    correlation_weight: float = Field(0.0, ge=0.0)
-    feature_weight: float = Field(1e-6, ge=0.0)  # byot's feature-hint weight b
+    correlation_weight: float = Field(0.0, ge=0.0)  # 0: off; 10 recommended (README)
+
+    @field_validator("kd_weight")
+    @classmethod
+    def _check_kd_weight(cls, kd_weight: float | None, info: ValidationInfo) -> float | None:
+        kind = info.data.get("kind", "mate")
+        if kd_weight is not None and kind in _CONVEX_KINDS and kd_weight > 1.0:
+            raise ValueError(f"must be <= 1 for {kind}, whose CE weight is 1 - kd_weight")
+        return kd_weight
 
     @model_validator(mode="after")
-    def _resolve_kd_weight(self) -> LossConfig:
+    def _resolve_kind_defaults(self) -> LossConfig:
         if self.kd_weight is None:
-            object.__setattr__(self, "kd_weight", DEFAULT_KD_WEIGHT[self.kind])
+            eed_kl = self.kind == "eed" and self.eed_output == "kl"
+            object.__setattr__(
+                self, "kd_weight", EED_KL_WEIGHT if eed_kl else DEFAULT_KD_WEIGHT[self.kind]
+            )
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", DEFAULT_TEMPERATURE[self.kind])
+        if self.feature_weight is None:
+            object.__setattr__(self, "feature_weight", DEFAULT_FEATURE_WEIGHT.get(self.kind, 0.0))
         return self
+
+    @property
+    def uses_correlation(self) -> bool:
+        """Whether the correlation term is on (dsn has no distillation term at all)."""
+        return self.correlation_weight > 0.0 and self.kind != "dsn"
 
 
 class OptimConfig(_Strict):
@@ -194,13 +263,48 @@ def parse_job_config(data: Mapping[str, Any] | None, source: str = "config") -> 
         raise ConfigError(_format_error(err, source)) from None
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file, turning missing files and syntax errors into :class:`ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (which it would
+    otherwise resolve silently to the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the safe loader itself says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path) -> str:
     try:
-        return yaml.safe_load(path.read_text())
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory")
+        if path.exists() and not path.is_file():  # a FIFO would block, a device never end
+            raise ConfigError(f"{path}: is not a regular file")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file with a safe loader; a missing or unreadable file, a syntax error or
+    a duplicate key is a :class:`ConfigError`."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -209,8 +313,16 @@ def read_yaml(path: str | Path) -> Any:
         ) from None
 
 
+def parse_job_file(data: Any, source: str) -> JobConfig:
+    """A job config read from a file: an empty document (an empty file, only comments,
+    ``{}``) is an error rather than a job made only of defaults (200 epochs of them)."""
+    if data is None or data == {}:
+        raise ConfigError(f"{source}: is empty; a job config sets at least its `dataset`")
+    return parse_job_config(data, source)
+
+
 def load_job_config(path: str | Path) -> JobConfig:
-    return parse_job_config(read_yaml(path), source=str(path))
+    return parse_job_file(read_yaml(path), source=str(path))
 
 
 def _section_model(cls: type[BaseModel], name: str) -> type[BaseModel] | None:

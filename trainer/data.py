@@ -8,9 +8,12 @@ After airbench, https://github.com/KellerJordan/cifar10-airbench.
 
 Splits. ``train`` is the official training set minus ``val``: a class-stratified
 ``dataset.val_fraction`` share drawn from the job seed alone, which the hyperparameter search
-selects on. ``test`` is fixed for every seed: the official test split (TinyImageNet: its
-labelled ``val`` folder, since the official test images have no labels), for digits a fixed
-stratified 20 % of the 1797 images, for synthetic a generated set of ``num_samples // 5``.
+selects on. ``dataset.train_fraction`` < 1 then keeps a class-stratified share of ``train``,
+also drawn from the seed alone; ``val`` is carved first, so it is the same for every
+fraction, and smaller fractions give nested subsets. ``test`` is fixed for every seed: the
+official test split (TinyImageNet: its labelled ``val`` folder, since the official test
+images have no labels), for digits a fixed stratified 20 % of the 1797 images, for synthetic
+a generated set of ``num_samples // 5``.
 
 Data sets (``dataset.name``; paths below are under ``dataset.root``, ``~`` expanded):
 
@@ -29,8 +32,9 @@ imagefolder   ``root`` itself: ``train/<class>/<image>`` and   64 [*]  train spl
 
 [*] ``dataset.image_size`` overrides it; decoded images are resized so the shorter side fits
 and centre-cropped. 64 px keeps an imagefolder set small enough for device memory (10k
-images: 120 MB); fine-grained work usually wants ``image_size: 224``. The decoded arrays
-are not cached on disk: decoding runs once per job on a thread pool.
+images: 120 MB); fine-grained work usually wants ``image_size: 224``. tinyimagenet and
+imagefolder are decoded once per node into a memory-mapped cache (:mod:`trainer.images`);
+later jobs map it instead of decoding.
 
 Augmentation (training only): zero padding of ``DataSplits.pad = image_size // 8`` pixels
 (4 for 32 px, 1 for 8 px digits, 8 for 64 px) with a random crop back to size, and a random
@@ -41,10 +45,8 @@ digits, whose meaning flipping can change.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import DatasetConfig
+from trainer.images import DataError, list_images, load_images
 
 __all__ = [
     "DataError",
@@ -62,10 +65,6 @@ __all__ = [
     "check_available",
     "load_splits",
 ]
-
-
-class DataError(ValueError):
-    """A data set is missing or malformed; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -104,12 +103,16 @@ class DataSplits:
 def load_splits(
     cfg: DatasetConfig, device: torch.device | str = "cpu", *, seed: int = 0
 ) -> DataSplits:
-    """Load ``cfg.name`` onto `device` and carve the validation split with `seed`.
+    """Load ``cfg.name`` onto `device`, carve the validation split and the training subset.
 
+    Both draws depend on `seed` alone. The validation split comes first, from the whole
+    training set, so it is the same for every ``cfg.train_fraction``; the subset is a
+    class-stratified share of what remains (smaller fractions give nested subsets).
     Raises :class:`DataError` when the data set is missing (naming where it looked and how to
-    get it), malformed, or too small for ``cfg.val_fraction``.
+    get it), malformed, or too small for ``cfg.val_fraction`` or ``cfg.train_fraction``.
     """
-    source = _SOURCES[cfg.name](cfg)
+    device = torch.device(device)
+    source = _SOURCES[cfg.name](cfg, device)
     train, val = source.train, None
     if cfg.val_fraction > 0:
         train, val = _stratified_split(source.train, cfg.val_fraction, seed)
@@ -118,10 +121,17 @@ def load_splits(
                 f"dataset.val_fraction {cfg.val_fraction} leaves an empty split of the "
                 f"{len(source.train)} {cfg.name} training images"
             )
+    if cfg.train_fraction < 1:
+        _, subset = _stratified_split(train, cfg.train_fraction, seed)
+        if subset.labels.unique().numel() < train.labels.unique().numel():
+            raise DataError(
+                f"dataset.train_fraction {cfg.train_fraction} leaves some classes without "
+                f"images ({len(subset)} of {len(train)} {cfg.name} training images); raise it"
+            )
+        train = subset
     mean, std = source.stats or _channel_stats(train.images)
     _, channels, height, width = train.images.shape
     assert height == width, "loaders produce square images"
-    device = torch.device(device)
     return DataSplits(
         train=train.to(device),
         val=None if val is None else val.to(device),
@@ -264,24 +274,29 @@ def _stratified_split(
     rank = torch.arange(len(order)) - first[grouped]  # rank within its class
     in_part = rank < (counts * fraction).round().long()[grouped]
     rest, part = order[~in_part].sort().values, order[in_part].sort().values
-    return (
-        ImageTensors(data.images[rest], labels[rest]),
-        ImageTensors(data.images[part], labels[part]),
-    )
+    return _take(data, rest), _take(data, part)
+
+
+def _take(data: ImageTensors, index: torch.Tensor) -> ImageTensors:
+    """The rows `index` of `data`, copied (index_select on flat rows: one memcpy per image)."""
+    images = data.images.flatten(1).index_select(0, index).view(-1, *data.images.shape[1:])
+    return ImageTensors(images, data.labels[index])
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images [N, C, H, W], in [0, 1] units."""
-    n, c, h, w = images.shape
-    total = torch.zeros(c, dtype=torch.float64)
-    squares = torch.zeros(c, dtype=torch.float64)
-    for chunk in images.split(4096):  # bounded float64 working memory
-        x = chunk.to(torch.float64)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
-    mean = total / (n * h * w)
-    std = (squares / (n * h * w) - mean.square()).clamp_min(1.0).sqrt()  # >= 1/255: no 0 div
-    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+    """Per-channel mean and std of uint8 images [N, C, H, W], in [0, 1] units.
+
+    Exact, from each channel's 256-bin histogram (faster than summing floats)."""
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        var = (counts * values.square()).sum() / n - mean.square()
+        means.append(mean.item() / 255)
+        stds.append(max(var.item(), 1.0) ** 0.5 / 255)  # >= 1/255: no division by zero
+    return tuple(means), tuple(stds)
 
 
 def _root(cfg: DatasetConfig) -> Path:
@@ -336,39 +351,22 @@ def _download(name: str, url: str, root: Path, md5: str, filename: str | None = 
         raise DataError(f"could not download {name} from {url} into {root}: {err}") from None
 
 
-_IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
-)
+def _scan_classes(folder: Path, class_dirs: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Image files under ``folder/class_dirs[i]`` (relative to `folder`) with label i."""
+    files, labels = [], []
+    for label, name in enumerate(class_dirs):
+        found = list_images(folder / name)
+        files += [f"{name}/{f}" for f in found]
+        labels += [label] * len(found)
+    return files, labels
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-
-
-def _decode(paths: Sequence[Path], size: int) -> torch.Tensor:
-    """Decode images to RGB [N, 3, size, size] uint8, resizing and centre-cropping to fit."""
-    from PIL import Image, ImageOps
-
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-
-    def decode(i: int) -> None:
-        try:
-            with Image.open(paths[i]) as img:
-                img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale if large
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(img)
-        except OSError as err:
-            raise DataError(f"cannot decode {paths[i]}: {err}") from None
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(decode, range(len(paths))))  # PIL releases the GIL while decoding
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
-def _from_files(paths: list[Path], labels: list[int], size: int) -> ImageTensors:
-    return ImageTensors(_decode(paths, size), torch.tensor(labels, dtype=torch.int64))
+def _from_files(
+    folder: Path, files: list[str], labels: list[int], size: int, device: torch.device
+) -> ImageTensors:
+    """The images ``folder/files`` (decoded once per node, then memory-mapped), labelled."""
+    images = load_images(folder, files, size, device=device)
+    return ImageTensors(images, torch.tensor(labels, dtype=torch.int64))
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,7 +376,7 @@ _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_TEST_SEED = 0  # fixed: every trial and every job seed sees the same test images
 
 
-def _digits(cfg: DatasetConfig) -> _Source:
+def _digits(cfg: DatasetConfig, device: torch.device) -> _Source:
     from sklearn.datasets import load_digits
 
     _check_native_size(cfg, 8)
@@ -394,7 +392,7 @@ def _digits(cfg: DatasetConfig) -> _Source:
 _SYNTHETIC_SEED = 0
 
 
-def _synthetic(cfg: DatasetConfig) -> _Source:
+def _synthetic(cfg: DatasetConfig, device: torch.device) -> _Source:
     """Class prototypes (smooth random patterns, mirror-symmetric so that flips keep the
     label) shown at a random circular shift of up to a quarter of the image, with random
     brightness and pixel noise. A linear model on raw pixels reaches about 99 % test accuracy
@@ -444,7 +442,7 @@ _CIFAR = {
 }
 
 
-def _cifar(cfg: DatasetConfig) -> _Source:
+def _cifar(cfg: DatasetConfig, device: torch.device) -> _Source:
     """torchvision's on-disk format (python pickles), read directly: torchvision's classes
     would also check every file's MD5 on each load."""
     _check_native_size(cfg, 32)
@@ -484,7 +482,7 @@ _TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 _TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-def _tinyimagenet(cfg: DatasetConfig) -> _Source:
+def _tinyimagenet(cfg: DatasetConfig, device: torch.device) -> _Source:
     root = _root(cfg)
     path = root / "tiny-imagenet-200"
     if not (path / "wnids.txt").is_file():
@@ -492,33 +490,29 @@ def _tinyimagenet(cfg: DatasetConfig) -> _Source:
         _download("tinyimagenet", _TINY_URL, root, _TINY_MD5)
     wnids = sorted((path / "wnids.txt").read_text().split())
     index = {wnid: i for i, wnid in enumerate(wnids)}
-    train_paths, train_labels = [], []
-    for wnid in wnids:
-        files = _image_files(path / "train" / wnid / "images")
-        train_paths += files
-        train_labels += [index[wnid]] * len(files)
+    train_files, train_labels = _scan_classes(path / "train", [f"{w}/images" for w in wnids])
     annotations = path / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise DataError(f"tinyimagenet: {annotations} is missing; re-extract {_TINY_URL}")
-    test_paths, test_labels = [], []
+    test_files, test_labels = [], []
     for line in annotations.read_text().splitlines():
         if line.strip():
             name, wnid = line.split("\t")[:2]
             if wnid not in index:
                 raise DataError(f"tinyimagenet: {annotations} names {wnid}, not in wnids.txt")
-            test_paths.append(path / "val" / "images" / name)
+            test_files.append(name)
             test_labels.append(index[wnid])
-    if not train_paths or not test_paths:
+    if not train_files or not test_files:
         raise DataError(f"tinyimagenet: no images under {path}; re-extract {_TINY_URL}")
     size = cfg.image_size or 64
     return _Source(
-        _from_files(train_paths, train_labels, size),
-        _from_files(test_paths, test_labels, size),
+        _from_files(path / "train", train_files, train_labels, size, device),
+        _from_files(path / "val" / "images", test_files, test_labels, size, device),
         num_classes=len(wnids),
     )
 
 
-def _imagefolder(cfg: DatasetConfig) -> _Source:
+def _imagefolder(cfg: DatasetConfig, device: torch.device) -> _Source:
     root = _root(cfg)
     layout = _imagefolder_layout(root)
     check_available(cfg)
@@ -530,22 +524,13 @@ def _imagefolder(cfg: DatasetConfig) -> _Source:
     if extra:
         raise DataError(f"imagefolder: {test_dir} has classes missing from train/: {extra}")
 
-    def scan(split_dir: Path) -> tuple[list[Path], list[int]]:
-        paths, labels = [], []
-        for label, name in enumerate(classes):
-            files = _image_files(split_dir / name)
-            paths += files
-            labels += [label] * len(files)
-        if not paths:
+    def load(split_dir: Path) -> ImageTensors:
+        files, labels = _scan_classes(split_dir, classes)
+        if not files:
             raise DataError(f"imagefolder: no images under {split_dir}; {layout}")
-        return paths, labels
+        return _from_files(split_dir, files, labels, cfg.image_size or 64, device)
 
-    size = cfg.image_size or 64
-    return _Source(
-        _from_files(*scan(root / "train"), size),
-        _from_files(*scan(test_dir), size),
-        num_classes=len(classes),
-    )
+    return _Source(load(root / "train"), load(test_dir), num_classes=len(classes))
 
 
 _SOURCES = {

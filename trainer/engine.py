@@ -20,7 +20,13 @@ from torch import nn
 from trainer import metrics as M
 from trainer.config import ConfigError, JobConfig, OptimConfig
 from trainer.data import DataSplits, DeviceLoader, ImageTensors, load_splits
-from trainer.losses import init_teacher_logits, multi_exit_loss
+from trainer.losses import (
+    annealed_temperature,
+    ensemble_teachers,
+    init_teacher_logits,
+    multi_exit_loss,
+    teacher_weights,
+)
 from trainer.models import MultiExitNet, create_model, exit_gflops
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "save_checkpoint",
+    "teacher_metrics",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -53,7 +60,9 @@ class Job:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator  # drives shuffling and augmentation
     gflops: list[float]  # cumulative GFLOPs per sample to reach each exit
+    temperature: torch.Tensor | None = None  # [] phuong_lampert's annealed T, else None
     epoch: int = 0
+    anytime: M.AnytimeCurve | None = None  # the latest evaluation's curve, for plots
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -67,6 +76,9 @@ class Job:
         return self.device.type == "cuda"
 
     def loader(self, split: ImageTensors, *, train: bool) -> DeviceLoader:
+        # Projection heads (BatchNorm1d) and batch similarities need whole batches: an epoch's
+        # remainder is dropped then (a fresh permutation each epoch still visits every sample).
+        drop_last = train and self.model.projectors is not None
         return DeviceLoader(
             split,
             self.cfg.train.batch_size,
@@ -77,6 +89,7 @@ class Job:
             flip=self.data.flip,
             generator=self.generator if train else None,
             channels_last=self.channels_last,
+            drop_last=drop_last,
         )
 
 
@@ -126,6 +139,7 @@ def build_job(cfg: JobConfig, *, data: DataSplits | None = None) -> Job:
         num_classes=data.num_classes,
         in_channels=data.in_channels,
         image_size=data.image_size,
+        projection_heads=cfg.loss.uses_correlation,
     )
     gflops = exit_gflops(model, (data.in_channels, data.image_size, data.image_size))
     model = model.to(device)
@@ -142,11 +156,18 @@ def build_job(cfg: JobConfig, *, data: DataSplits | None = None) -> Job:
     )
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.train.seed)
-    return Job(cfg, device, data, model, teacher, optimizer, scheduler, generator, gflops)
+    temperature = None
+    if cfg.loss.kind == "phuong_lampert":  # annealed per step, so it is training state
+        temperature = torch.tensor(cfg.loss.temperature, dtype=torch.float32, device=device)
+    return Job(
+        cfg, device, data, model, teacher, optimizer, scheduler, generator, gflops, temperature
+    )
 
 
 def train_one_epoch(job: Job) -> dict[str, float]:
-    """One pass over the training split; returns `train/loss` and the epoch's `lr`."""
+    """One pass over the training split; returns `train/loss`, the epoch's `lr` and, for
+    phuong_lampert, `train/temperature` (the annealed T after the epoch's last step)."""
+    loss_cfg = job.cfg.loss
     job.model.train()
     lr = job.optimizer.param_groups[0]["lr"]
     total = torch.zeros((), device=job.device)
@@ -154,10 +175,22 @@ def train_one_epoch(job: Job) -> dict[str, float]:
     for inputs, labels in job.loader(job.data.train, train=True):
         with torch.autocast(job.device.type, job.autocast_dtype, enabled=bool(job.autocast_dtype)):
             out = job.model(inputs)
-        loss = multi_exit_loss(job.cfg.loss, out.logits, out.features, labels, job.teacher_logits)
+        loss = multi_exit_loss(
+            loss_cfg,
+            out.logits,
+            out.features,
+            labels,
+            job.teacher_logits,
+            temperature=job.temperature,
+            projections=out.projections,
+        )
         job.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         job.optimizer.step()
+        if job.temperature is not None:
+            job.temperature = annealed_temperature(
+                job.temperature, out.logits[-1], loss_cfg.anneal_factor, loss_cfg.anneal_max_prob
+            )
         total += loss.total.detach() * labels.numel()  # stays on device: no per-batch sync
         seen += labels.numel()
     job.scheduler.step()
@@ -168,7 +201,10 @@ def train_one_epoch(job: Job) -> dict[str, float]:
             f"training loss is {mean_loss} in epoch {job.epoch}; lower optim.lr "
             f"(now {job.cfg.optim.lr}) or loss.temperature, or use train.precision: fp32"
         )
-    return {M.TRAIN_LOSS: mean_loss, M.LR: lr}
+    result = {M.TRAIN_LOSS: mean_loss, M.LR: lr}
+    if job.temperature is not None:
+        result[M.TRAIN_TEMPERATURE] = job.temperature.item()
+    return result
 
 
 @torch.no_grad()
@@ -183,7 +219,8 @@ def predict(job: Job, split: ImageTensors) -> torch.Tensor:
 
 
 def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, float]:
-    """Per-exit accuracy and loss, ensemble and mean-exit accuracy, anytime metrics."""
+    """Per-exit accuracy and loss, ensemble and mean-exit accuracy, anytime metrics and, for
+    MATE, each ensemble teacher's accuracy."""
     logits = predict(job, split)  # [K, N, C]
     labels = split.labels
     num_exits = logits.shape[0]
@@ -197,9 +234,16 @@ def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, fl
     ensemble_acc = (probs.mean(dim=0).argmax(dim=-1) == labels).float().mean()
 
     gflops = torch.tensor(job.gflops, dtype=torch.float64, device=logits.device)
-    acc_curve, _, cost_curve = M.anytime_curve(confidence, correct, gflops, M.default_thresholds())
+    thresholds = M.default_thresholds()
+    acc_curve, _, cost_curve = M.anytime_curve(confidence, correct, gflops, thresholds)
     operating = torch.tensor([job.cfg.train.exit_threshold], device=logits.device)
     op_acc, op_gflops, _ = M.anytime_curve(confidence, correct, gflops, operating)
+
+    teacher_acc = torch.zeros(0, device=logits.device)  # [J]
+    if job.teacher_logits is not None:
+        support = job.cfg.loss.teacher_support
+        teachers = ensemble_teachers(logits, job.teacher_logits.detach(), support)  # [J, N, C]
+        teacher_acc = (teachers.argmax(dim=-1) == labels).float().mean(dim=1)
 
     values = torch.stack(
         [
@@ -209,6 +253,7 @@ def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, fl
             per_exit_acc.mean(),
             op_acc[0].float(),
             op_gflops[0].float(),
+            *teacher_acc,
         ]
     ).tolist()  # one device sync for all metrics
     names = [
@@ -218,10 +263,27 @@ def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, fl
         M.MEAN_EXIT_ACC,
         M.ANYTIME_ACC,
         M.ANYTIME_GFLOPS,
+        *(M.teacher_acc(j) for j in range(1, len(teacher_acc) + 1)),
     ]
     result = dict(zip(names, values, strict=True))
-    result[M.ANYTIME_AUC] = M.anytime_auc(acc_curve.cpu(), cost_curve.cpu())
+    acc_curve, cost_curve = acc_curve.cpu(), cost_curve.cpu()
+    result[M.ANYTIME_AUC] = M.anytime_auc(acc_curve, cost_curve)
+    job.anytime = M.AnytimeCurve(
+        thresholds.tolist(), acc_curve.tolist(), cost_curve.tolist(), job.cfg.train.exit_threshold
+    )
     return {M.with_split(name, prefix): value for name, value in result.items()}
+
+
+def teacher_metrics(job: Job) -> dict[str, float]:
+    """MATE's teachers after an epoch: each one's weights over the exits and their diversity
+    (empty for other kinds)."""
+    if job.teacher_logits is None:
+        return {}
+    weights = teacher_weights(job.teacher_logits.detach(), job.cfg.loss.teacher_support)
+    values = torch.cat([weights.flatten(), M.teacher_diversity(weights)[None]]).tolist()
+    exits = range(1, weights.shape[1] + 1)
+    names = [*(M.teacher_weight(j, k) for j in exits for k in exits), M.TEACHER_DIVERSITY]
+    return dict(zip(names, values, strict=True))
 
 
 def model_metrics(job: Job) -> dict[str, float]:
@@ -244,6 +306,7 @@ def fit(job: Job, on_epoch: Callable[[dict[str, float]], None] | None = None) ->
             M.EPOCH: job.epoch,
             **train_metrics,
             **eval_metrics,
+            **teacher_metrics(job),
             M.EPOCH_TIME: time.perf_counter() - start,
         }
         if on_epoch is not None:
@@ -264,6 +327,8 @@ def state_dict(job: Job) -> dict[str, Any]:
     }
     if job.teacher_logits is not None:
         state["teacher_logits"] = job.teacher_logits.detach()
+    if job.temperature is not None:
+        state["temperature"] = job.temperature
     if job.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(job.device)
     return state
@@ -273,6 +338,8 @@ def load_state_dict(job: Job, state: dict[str, Any]) -> None:
     job.model.load_state_dict(state["model"])
     if job.teacher_logits is not None:
         job.teacher_logits.data.copy_(state["teacher_logits"])
+    if job.temperature is not None:
+        job.temperature = state["temperature"].to(job.device)
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.generator.set_state(state["generator"])

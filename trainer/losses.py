@@ -1,26 +1,32 @@
 """Multi-exit self-distillation losses (DESIGN §3): pure functions, tensors in, scalars out.
 
 K exits give logits z_1..z_K ([K, B, C], shallowest first) and pooled features f_1..f_K
-([K, B, D]). CE is cross entropy with the label, KL_T(p||z) = T^2 KL(p || softmax(z/T)).
-Every loss is a sum over exits of means over the batch, computed in float32.
+([K, B, D]). CE is cross entropy with the label, softCE_T(p, z) = -sum p log softmax(z/T),
+KL_T(p||z) = T^2 KL(p || softmax(z/T)). Losses are sums over exits of means over the batch,
+computed in float32. Each baseline computes what its authors' code computes (the parity
+tests in tests/test_losses.py name the repository, file and commit):
 
 - dsn    sum_k CE(z_k)
-- byot   (1-a) sum_k CE(z_k) + a T^2 sum_{k<K} softCE(z_k/T, z_K/T)
-         + b sum_{k<K} ||f_k - f_K||^2 (only where f_k > 0 or f_K > 0)
-         https://arxiv.org/abs/1905.08094 (teacher z_K, f_K detached as in the authors' code)
-- eed    sum_k CE(z_k) + c sum_k KL_T(mean_k z_k || z_k), teacher detached
-         https://arxiv.org/abs/2103.15498
-- phuong_lampert  (1-C) sum_k CE(z_k) + C sum_{k<K} KL_T(z_K || z_k), teacher detached
+- byot   (1-a) sum_k CE(z_k) + a T^2 sum_{k<K} softCE_T(z_K, z_k)
+         + b sum_{k<K} sum_{batch,dims} (f_k - f_K)^2 (where f_k > 0 or f_K > 0)
+         teacher z_K, f_K detached. https://arxiv.org/abs/1905.08094
+- eed    sum_k CE(z_k) + c sum_k mean_{batch,classes} (z_k - zbar)^2       (eed_output: mse)
+                       or c T^2 sum_k softCE_T(zbar, z_k)                    (eed_output: kl)
+         + e sum_k mean_{batch,dims} (f_k - fbar)^2 (where f_k > 0 or fbar > 0)
+         zbar, fbar the detached means over all exits. https://arxiv.org/abs/2104.00299
+- phuong_lampert  (10/K) [(1-C) sum_k CE(z_k) + C T^2 sum_{k<K} softCE_T(z_K, z_k)],
+         z_K detached; T is training state the engine anneals (`annealed_temperature`).
          https://openaccess.thecvf.com/content_ICCV_2019/html/Phuong_Distillation-Based_Training_for_Multi-Exit_Architectures_ICCV_2019_paper.html
 - mate   (1-lambda) sum_k CE(z_k) + sum_j CE(t_j)
          + lambda sum_k [mu KL_T(t_k||z_k) + (1-mu)/(K-1) sum_{j!=k} KL_T(t_j||z_k)]
          with ensemble teachers t_j = sum_k softmax(a_j)_k z_k, detached inside the KL terms.
          MATE (Sun et al., FITEE 2024) is reconstructed from the paper's abstract only.
 
-Modifiers for the distilling kinds (ignored by dsn, which has no teacher):
-dynamic temperature (dtd) and teacher knowledge adjustment (lsr / ps), both from "Preparing
-Lessons" (Wen et al., https://arxiv.org/abs/1911.07471), and a DLKD-style batch correlation
-term (Ding et al. 2022). All teacher-student pairs are evaluated as one [J, K, B, C] tensor op.
+Modifiers for the kinds with soft targets (dsn has no teacher, eed's mse output no soft
+targets): dynamic temperature (dtd) and teacher knowledge adjustment (lsr / ps), both from
+"Preparing Lessons" (Wen et al., https://arxiv.org/abs/1911.07471), and, for every kind
+but dsn, a DLKD-style batch correlation term on projected exit features (Ding et al. 2022).
+All teacher-student pairs are evaluated as one [J, K, B, C] tensor op.
 """
 
 from __future__ import annotations
@@ -35,20 +41,24 @@ from trainer.config import DTDConfig, LossConfig
 
 __all__ = [
     "LossOutput",
+    "annealed_temperature",
     "correlation_loss",
     "dynamic_temperature",
     "ensemble_teachers",
     "init_teacher_logits",
     "multi_exit_loss",
     "soft_targets",
+    "teacher_weights",
 ]
 
 # init_teacher_logits: log-weight of an exit a teacher starts (almost) without. Each such exit
 # gets 1/100 of the weight of a favoured exit: small, but finite so it stays trainable.
 _OFF_LOGIT = math.log(1e-2)
 _LSR_EPS = 0.1  # label smoothing of the lsr knowledge adjustment
-_CORRELATION_T = 0.5  # temperature of the DLKD similarity distributions
+_CORRELATION_T = 0.5  # temperature of the DLKD similarity distributions (CorrLoss default)
 _DTD_MIN_T = 0.1  # dtd temperatures are clamped to at least this
+# phuong_lampert scales its loss by 2 * 5 / K (train_cifar.py: global_scale for 11 exits).
+_PL_SCALE = 2.0 * 5.0
 
 
 class LossOutput(NamedTuple):
@@ -90,10 +100,48 @@ def init_teacher_logits(num_exits: int, teacher_init: str) -> torch.Tensor:
     return torch.where(keep, zero, torch.full_like(zero, _OFF_LOGIT))
 
 
-def ensemble_teachers(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Teacher logits t_j = sum_k softmax(a_j)_k z_k: [K, B, C] x [J, K] -> [J, B, C]."""
-    weights = teacher_logits.softmax(dim=-1)  # [J, K]
-    return torch.einsum("jk,kbc->jbc", weights, logits)
+def teacher_weights(teacher_logits: torch.Tensor, support: str = "all") -> torch.Tensor:
+    """Each teacher's weights over the exits: [J, K] logits a_j -> [J, K] rows summing to 1.
+
+    ``all``: softmax(a_j) over every exit. ``deeper``: softmax over exits j..K only (the
+    shallower exits get weight 0 and no gradient), so exit k's primary teacher t_k never
+    leans on exits shallower than k.
+    """
+    if support == "all":
+        return teacher_logits.softmax(dim=-1)
+    if support == "deeper":
+        num_teachers, num_exits = teacher_logits.shape
+        k = torch.arange(num_exits, device=teacher_logits.device)
+        j = torch.arange(num_teachers, device=teacher_logits.device)[:, None]
+        return teacher_logits.masked_fill(k < j, float("-inf")).softmax(dim=-1)
+    raise ValueError(f"teacher_support is {support!r}, but must be one of 'all', 'deeper'")
+
+
+def ensemble_teachers(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, support: str = "all"
+) -> torch.Tensor:
+    """Teacher logits t_j = sum_k w_jk z_k: [K, B, C] x [J, K] -> [J, B, C], w from
+    :func:`teacher_weights`."""
+    return torch.einsum("jk,kbc->jbc", teacher_weights(teacher_logits, support), logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phuong-Lampert's temperature annealing (the engine owns the state)
+# ---------------------------------------------------------------------------------------------
+
+
+def annealed_temperature(
+    temperature: torch.Tensor, final_logits: torch.Tensor, factor: float, max_prob: float
+) -> torch.Tensor:
+    """The temperature for the next step: T * factor if the final exit's mean max-probability
+    at T, mean_i max softmax(z_K,i / T), exceeds `max_prob`, else T.
+
+    temperature [] float32, final_logits [B, C] of the step just taken. Stays on the device
+    (no host sync), carries no gradient.
+    """
+    with torch.no_grad():
+        confidence = (final_logits.float() / temperature).softmax(dim=-1).amax(dim=-1).mean()
+        return torch.where(confidence > max_prob, temperature * factor, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,15 +156,17 @@ def dynamic_temperature(
 
     student_logits [K, B, C], teacher_logits [J, B, C] -> tau [J, K, B] (pair j->k, sample i),
     computed without gradient: the temperature is a per-batch schedule, not a learned quantity.
-    Weights: cwsm w_i = 1 / (max softmax(z_s,i) + 1e-3) (the student's confidence at T=1);
-    flsw w_i = (1 - cos(z_s,i, z_t,i))^gamma, the cosine taken between the logit vectors and
-    1 - cos clamped at 0 against rounding.
+    Weights: cwsm w_i = 1 / (max softmax(z_s,i) + 1e-3) (the student's confidence at T=1),
+    divided by the batch's largest so w lies in (0, 1] whatever the number of classes (raw,
+    it spans 1..C); flsw w_i = (1 - cos(z_s,i, z_t,i))^gamma, the cosine taken between the
+    logit vectors and 1 - cos clamped at 0 against rounding.
     """
     with torch.no_grad():
         zs = student_logits.detach().float()[None]  # [1, K, B, C]
         zt = teacher_logits.detach().float()[:, None]  # [J, 1, B, C]
         if dtd.weighting == "cwsm":
             w = 1.0 / (zs.softmax(dim=-1).amax(dim=-1) + 1e-3)  # [1, K, B]
+            w = w / w.amax(dim=-1, keepdim=True)
         else:  # flsw
             cos = F.cosine_similarity(zs, zt, dim=-1)  # [J, K, B]
             w = (1.0 - cos).clamp(min=0.0) ** dtd.gamma
@@ -159,19 +209,25 @@ def soft_targets(
     raise ValueError(f"teacher_adjust is {adjust!r}, but must be one of 'none', 'lsr', 'ps'")
 
 
-def correlation_loss(features: torch.Tensor) -> torch.Tensor:
+def correlation_loss(projections: torch.Tensor, final_features: torch.Tensor) -> torch.Tensor:
     """DLKD-style term sum_{k<K} mean_i KL(softmax(S_K,i / 0.5) || softmax(S_k,i / 0.5)).
 
-    features [K, B, D] -> []. S_k = cosine similarities [B, B] of the batch's features at exit
-    k, S_K those of the final exit (detached). All exits share D, so no projection is needed;
-    the diagonal (self-similarity 1) is kept in both distributions.
+    projections [K-1, B, P]: exits 1..K-1's features after their projection heads;
+    final_features [B, D]: the final exit's (detached here) -> []. S_k = cosine similarities
+    [B, B] within the batch; the diagonal (self-similarity 1) is kept in both distributions.
     """
-    student = F.normalize(features[:-1], dim=-1)  # [K-1, B, D]
-    final = F.normalize(features[-1:].detach(), dim=-1)  # [1, B, D]
-    log_q = F.log_softmax(student @ student.transpose(1, 2) / _CORRELATION_T, dim=-1)  # [K-1, B, B]
-    log_p = F.log_softmax(final @ final.transpose(1, 2) / _CORRELATION_T, dim=-1)  # [1, B, B]
+    student = F.normalize(projections, dim=-1)  # [K-1, B, P]
+    final = F.normalize(final_features.detach(), dim=-1)  # [B, D]
+    log_q = F.log_softmax(student @ student.transpose(1, 2) / _CORRELATION_T, dim=-1)  # [K-1,B,B]
+    log_p = F.log_softmax(final @ final.T / _CORRELATION_T, dim=-1)  # [B, B]
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # [K-1, B]
     return kl.mean(dim=-1).sum()
+
+
+def _masked_square_error(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(f - target)^2 where f > 0 or target > 0 (post-ReLU units that are off in both carry
+    no hint), as in BYOT's and EED's feature losses: [K', B, D] x [1, B, D] -> [K', B, D]."""
+    return (features - target).square() * ((features > 0) | (target > 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,29 +241,32 @@ def _distill(
     labels: torch.Tensor,
     cfg: LossConfig,
     weights: torch.Tensor,
+    temperature: torch.Tensor,
     *,
     soft_ce: bool = False,
 ) -> torch.Tensor:
-    """sum_{j,k} weights[j,k] mean_i tau^2 D(p_j,i || softmax(z_k,i / tau)), one batched op.
+    """sum_{j,k} weights[j,k] T^2 mean_i D(p_j,i || softmax(z_k,i / tau_i)), one batched op.
 
-    teachers [J, B, C] (detached), students [K, B, C], weights [J, K]; D is KL, or the soft
-    cross entropy -sum p log q when `soft_ce` (byot). tau is cfg.temperature, or the per-pair,
-    per-sample dtd temperature [J, K, B].
+    teachers [J, B, C] (detached), students [K, B, C], weights [J, K], temperature []; D is
+    KL, or the soft cross entropy -sum p log q when `soft_ce` (byot, eed, phuong_lampert, as
+    their code computes it). With dtd, tau_i is the per-pair, per-sample temperature [J, K, B]
+    and T = t0: each sample's term is not scaled by its own tau_i^2 (TextBrewer's form; a
+    factor tau_i^2 would shrink the gradients of the hard, low-temperature samples dtd means
+    to emphasise), and t0^2 keeps the term on the scale the kinds' weights assume.
     """
     if cfg.dtd is None:
-        tau = teachers.new_tensor(cfg.temperature)  # []
+        tau = scale = temperature  # []
         log_q = F.log_softmax(students / tau, dim=-1)  # [K, B, C], shared by all teachers
     else:
         tau = dynamic_temperature(cfg.dtd, students, teachers)  # [J, K, B]
+        scale = teachers.new_tensor(cfg.dtd.t0)
         log_q = F.log_softmax(students / tau.unsqueeze(-1), dim=-1)  # [J, K, B, C]
     log_p = soft_targets(teachers[:, None], labels, tau, cfg.teacher_adjust)  # [J, 1|K, B, C]
     p = log_p.exp()
     # A broadcast product beats einsum("jbc,kbc->jkb") here: that becomes B tiny matmuls.
     cross = -(p * log_q).sum(dim=-1)  # [J, K, B] soft CE
-    neg_entropy = (p * log_p).sum(dim=-1)  # [J, 1|K, B]
-    div = cross if soft_ce else cross + neg_entropy  # KL(p||q) = soft CE - H(p)
-    per_pair = (tau**2 * div).mean(dim=-1)  # [J, K]
-    return (weights * per_pair).sum()
+    div = cross if soft_ce else cross + (p * log_p).sum(dim=-1)  # KL(p||q) = soft CE - H(p)
+    return scale**2 * (weights * div.mean(dim=-1)).sum()
 
 
 def _mate_pair_weights(num_exits: int, mu: float, like: torch.Tensor) -> torch.Tensor:
@@ -222,19 +281,14 @@ def _mate_pair_weights(num_exits: int, mu: float, like: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def multi_exit_loss(
+def _check_shapes(
     cfg: LossConfig,
     logits: torch.Tensor,
     features: torch.Tensor,
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-) -> LossOutput:
-    """The training loss of `cfg.kind` (DESIGN §3).
-
-    logits [K, B, C] shallowest exit first, features [K, B, D], labels [B] int64,
-    teacher_logits [K, K] MATE's trainable a_j (required for kind="mate", else ignored).
-    Computed in float32 with autocast off, whatever the inputs' dtype.
-    """
+    teacher_logits: torch.Tensor | None,
+    projections: torch.Tensor | None,
+) -> None:
     if logits.dim() != 3:
         raise ValueError(f"logits has shape {tuple(logits.shape)}, but must be [K, B, C]")
     num_exits, batch = logits.shape[:2]
@@ -252,10 +306,49 @@ def multi_exit_loss(
             f"teacher_logits has shape {tuple(teacher_logits.shape)}, "
             f"but must be [{num_exits}, {num_exits}]"
         )
+    if _uses_correlation(cfg, num_exits) and (
+        projections is None
+        or projections.dim() != 3
+        or projections.shape[:2] != (num_exits - 1, batch)
+    ):
+        got = None if projections is None else tuple(projections.shape)
+        raise ValueError(
+            f"loss.correlation_weight is {cfg.correlation_weight}, which needs projections "
+            f"[{num_exits - 1}, {batch}, P] from the model's projection heads, got {got}"
+        )
 
+
+def _uses_correlation(cfg: LossConfig, num_exits: int) -> bool:
+    return cfg.uses_correlation and num_exits > 1  # one exit has no student to project
+
+
+def multi_exit_loss(
+    cfg: LossConfig,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    temperature: torch.Tensor | float | None = None,
+    projections: torch.Tensor | None = None,
+) -> LossOutput:
+    """The training loss of `cfg.kind` (DESIGN §3).
+
+    logits [K, B, C] shallowest exit first, features [K, B, D], labels [B] int64,
+    teacher_logits [K, K] MATE's trainable a_j (required for kind="mate", else ignored),
+    temperature the current T (phuong_lampert's annealed state; None: cfg.temperature),
+    projections [K-1, B, P] exits 1..K-1's projected features (required when the
+    correlation term is on). Computed in float32 with autocast off, whatever the inputs' dtype.
+    """
+    _check_shapes(cfg, logits, features, labels, teacher_logits, projections)
+    num_exits, batch = logits.shape[:2]
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.float()  # [K, B, C]
         f = features.float()  # [K, B, D]
+        if isinstance(temperature, torch.Tensor):
+            t = temperature.detach().float()  # []
+        else:
+            t = z.new_tensor(cfg.temperature if temperature is None else temperature)
         ce = F.cross_entropy(z.flatten(0, 1), labels.repeat(num_exits), reduction="none")
         ce = ce.view(num_exits, batch).mean(dim=1)  # [K]
         kd = cfg.kd_weight
@@ -265,30 +358,36 @@ def multi_exit_loss(
             return LossOutput(ce.sum(), ce.detach())
         if cfg.kind == "byot":
             total = (1.0 - kd) * ce.sum()
-            total = total + kd * _distill(z[-1:].detach(), z[:-1], labels, cfg, ones, soft_ce=True)
-            diff = f[:-1] - f[-1:].detach()  # [K-1, B, D]
-            mask = (f[:-1] > 0) | (f[-1:] > 0)
-            hint = (diff.square() * mask).sum(dim=-1).mean(dim=-1).sum()
+            total = total + kd * _distill(
+                z[-1:].detach(), z[:-1], labels, cfg, ones, t, soft_ce=True
+            )
+            hint = _masked_square_error(f[:-1], f[-1:].detach()).sum()
             total = total + cfg.feature_weight * hint
         elif cfg.kind == "eed":
             teacher = z.mean(dim=0, keepdim=True).detach()  # [1, B, C]
-            total = ce.sum() + kd * _distill(teacher, z, labels, cfg, z.new_ones(1, num_exits))
+            if cfg.eed_output == "mse":
+                output = (z - teacher).square().mean(dim=(1, 2)).sum()
+            else:
+                all_exits = z.new_ones(1, num_exits)
+                output = _distill(teacher, z, labels, cfg, all_exits, t, soft_ce=True)
+            feature_teacher = f.mean(dim=0, keepdim=True).detach()  # [1, B, D]
+            hint = _masked_square_error(f, feature_teacher).mean(dim=(1, 2)).sum()
+            total = ce.sum() + kd * output + cfg.feature_weight * hint
         elif cfg.kind == "phuong_lampert":
-            total = (1.0 - kd) * ce.sum() + kd * _distill(
-                z[-1:].detach(), z[:-1], labels, cfg, ones
-            )
+            kl = _distill(z[-1:].detach(), z[:-1], labels, cfg, ones, t, soft_ce=True)
+            total = _PL_SCALE / num_exits * ((1.0 - kd) * ce.sum() + kd * kl)
         elif cfg.kind == "mate":
-            teachers = ensemble_teachers(z, teacher_logits.float())  # [K, B, C]
+            teachers = ensemble_teachers(z, teacher_logits.float(), cfg.teacher_support)
             teacher_ce = F.cross_entropy(
                 teachers.flatten(0, 1), labels.repeat(num_exits), reduction="none"
             )  # [K*B]
             pair_weights = _mate_pair_weights(num_exits, cfg.primary_weight, z)  # [K, K]
-            kl = _distill(teachers.detach(), z, labels, cfg, pair_weights)
+            kl = _distill(teachers.detach(), z, labels, cfg, pair_weights, t)
             total = (1.0 - kd) * ce.sum() + teacher_ce.view(num_exits, batch).mean(1).sum()
             total = total + kd * kl
         else:
             raise ValueError(f"loss.kind is {cfg.kind!r}, which this module does not know")
 
-        if cfg.correlation_weight > 0.0:
-            total = total + cfg.correlation_weight * correlation_loss(f)
+        if _uses_correlation(cfg, num_exits):
+            total = total + cfg.correlation_weight * correlation_loss(projections.float(), f[-1])
         return LossOutput(total, ce.detach())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
@@ -13,7 +15,10 @@ __all__ = [
     "EPOCH_TIME",
     "LR",
     "MEAN_EXIT_ACC",
+    "TEACHER_DIVERSITY",
     "TRAIN_LOSS",
+    "TRAIN_TEMPERATURE",
+    "AnytimeCurve",
     "anytime_auc",
     "anytime_curve",
     "epoch_metric_names",
@@ -21,6 +26,10 @@ __all__ = [
     "exit_at_threshold",
     "exit_gflops",
     "exit_loss",
+    "kind_metric_names",
+    "teacher_acc",
+    "teacher_diversity",
+    "teacher_weight",
 ]
 
 EPOCH = "epoch"
@@ -32,6 +41,8 @@ MEAN_EXIT_ACC = "val/mean_exit_acc"
 ANYTIME_AUC = "val/anytime_auc"
 ANYTIME_ACC = "val/anytime_acc"
 ANYTIME_GFLOPS = "val/anytime_gflops"
+TEACHER_DIVERSITY = "teachers/diversity"  # mate: mean pairwise TV distance of teacher weights
+TRAIN_TEMPERATURE = "train/temperature"  # phuong_lampert: the annealed T after the epoch
 
 
 def exit_acc(k: int, split: str = "val") -> str:
@@ -46,14 +57,37 @@ def exit_gflops(k: int) -> str:
     return f"exit{k}/gflops"
 
 
+def teacher_acc(j: int, split: str = "val") -> str:
+    """Accuracy of MATE's ensemble teacher t_j (1-based)."""
+    return f"{split}/teacher{j}/acc"
+
+
+def teacher_weight(j: int, k: int) -> str:
+    """softmax(a_j)_k: the weight MATE's teacher j gives exit k (both 1-based)."""
+    return f"teacher{j}/exit{k}/weight"
+
+
 def with_split(name: str, split: str) -> str:
     """`val/...` metric name moved to another split (``test`` for the promoted job)."""
     return name.replace("val/", f"{split}/", 1)
 
 
-def epoch_metric_names(num_exits: int) -> list[str]:
-    """Every metric a training job reports each epoch."""
+def kind_metric_names(kind: str, num_exits: int) -> list[str]:
+    """The per-epoch metrics only some loss kinds report: MATE's teachers, phuong_lampert's
+    annealed temperature."""
+    exits = range(1, num_exits + 1)
+    if kind == "mate":
+        weights = [teacher_weight(j, k) for j in exits for k in exits]
+        return [*(teacher_acc(j) for j in exits), *weights, TEACHER_DIVERSITY]
+    if kind == "phuong_lampert":
+        return [TRAIN_TEMPERATURE]
+    return []
+
+
+def epoch_metric_names(num_exits: int, kind: str | None = None) -> list[str]:
+    """Every metric a training job reports each epoch (with `kind`, its kind's extras too)."""
     per_exit = [f(k) for k in range(1, num_exits + 1) for f in (exit_acc, exit_loss)]
+    extra = [] if kind is None else kind_metric_names(kind, num_exits)
     return [
         EPOCH,
         TRAIN_LOSS,
@@ -65,7 +99,21 @@ def epoch_metric_names(num_exits: int) -> list[str]:
         ANYTIME_ACC,
         ANYTIME_GFLOPS,
         EPOCH_TIME,
+        *extra,
     ]
+
+
+def teacher_diversity(weights: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise total-variation distance between teachers' weight vectors.
+
+    weights [J, K] (rows sum to 1) -> [] in [0, 1]: 0 when every teacher mixes the exits
+    alike (one ensemble in J copies), 1 when no two teachers share an exit; 0 for J = 1.
+    """
+    num_teachers = weights.shape[0]
+    if num_teachers < 2:
+        return weights.new_zeros(())
+    tv = 0.5 * (weights[:, None] - weights[None]).abs().sum(dim=-1)  # [J, J]
+    return tv.sum() / (num_teachers * (num_teachers - 1))
 
 
 def exit_at_threshold(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -113,3 +161,15 @@ def anytime_auc(accuracy: torch.Tensor, relative_cost: torch.Tensor) -> float:
 def default_thresholds(steps: int = 101) -> torch.Tensor:
     """Thresholds from 0 (everyone leaves at exit 1) to just above 1 (everyone reaches K)."""
     return torch.cat([torch.linspace(0.0, 1.0, steps), torch.tensor([1.0 + 1e-6])])
+
+
+@dataclass(frozen=True)
+class AnytimeCurve:
+    """One evaluation's anytime curve, as plain lists for JSON: per confidence threshold θ
+    (ascending), the accuracy and the mean cost relative to the full network; and the
+    operating threshold `train.exit_threshold`."""
+
+    thresholds: list[float]
+    accuracy: list[float]
+    relative_cost: list[float]
+    operating_threshold: float

@@ -7,6 +7,9 @@ less than the blocks it skips and cumulative FLOPs grow with depth. An exit alre
 final resolution gets one 1x1 conv-BN-ReLU instead (a 3x3 one from ResNet-50's 2048 channels
 would cost more than the bottleneck it skips). A last 1x1 conv-BN-ReLU lifts the map to the
 final block's channels D, so every exit's features live in the same D-dim space.
+
+Projection heads serve only the training loss (the correlation term): they are not part of
+the anytime-inference path, so they are absent from `exit{k}/gflops`.
 """
 
 from __future__ import annotations
@@ -54,3 +57,19 @@ def build_exit_head(
         channels = hidden
     layers.append(conv_bn_relu(channels, feature_dim, 1))
     return ExitHead(nn.Sequential(*layers), feature_dim, num_classes)
+
+
+class ProjectionHead(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear, D -> D -> D: the trainable MLP head DLKD
+    (https://github.com/ifding/DLKD, helper/losses.py CorrLoss) puts on the student's features
+    before its similarity distillation, with BYOL's MLPHead layout and widths equal to D."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, D] -> projected [B, D]; training needs B >= 2 (BatchNorm)."""
+        return self.net(features)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer.config import BLOCKS_PER_ARCH, ModelConfig
-from trainer.models.heads import ExitHead, build_exit_head
+from trainer.models.heads import ExitHead, ProjectionHead, build_exit_head
 from trainer.models.layers import StemKind
 from trainer.models.registry import BACKBONES, Backbone
 
@@ -17,13 +17,26 @@ from trainer.models.registry import BACKBONES, Backbone
 class MultiExitOutput(NamedTuple):
     logits: torch.Tensor  # [K, B, num_classes], shallowest exit first
     features: torch.Tensor  # [K, B, D] pooled features, D = channels of the last block
+    # [K-1, B, D] exits 1..K-1's features through their projection heads: in training mode,
+    # when the model has them (the correlation loss); else None.
+    projections: torch.Tensor | None = None
 
 
 class MultiExitNet(nn.Module):
-    """Runs the stem and every block once, reading out an exit after each block in `exits`."""
+    """Runs the stem and every block once, reading out an exit after each block in `exits`.
+
+    With `projection_heads`, exits 1..K-1 each get a :class:`ProjectionHead`, trained and
+    checkpointed with the model but run only in training mode.
+    """
 
     def __init__(
-        self, backbone: Backbone, exits: Sequence[int], *, num_classes: int, head_width: float
+        self,
+        backbone: Backbone,
+        exits: Sequence[int],
+        *,
+        num_classes: int,
+        head_width: float,
+        projection_heads: bool = False,
     ) -> None:
         super().__init__()
         assert exits and exits[-1] == len(backbone.blocks), "the last exit is the last block"
@@ -36,6 +49,11 @@ class MultiExitNet(nn.Module):
             for b in self.exits
         )
         self._head_index = {b: k for k, b in enumerate(self.exits)}
+        self.projectors = None
+        if projection_heads and self.num_exits > 1:
+            self.projectors = nn.ModuleList(
+                ProjectionHead(self.feature_dim) for _ in range(self.num_exits - 1)
+            )
 
     def stages(self) -> Iterator[tuple[nn.Module, ExitHead | None]]:
         """Each block in order, with the exit head read out after it (None where there is none)."""
@@ -44,7 +62,8 @@ class MultiExitNet(nn.Module):
             yield block, None if k is None else self.heads[k]
 
     def forward(self, x: torch.Tensor) -> MultiExitOutput:
-        """x: [B, C_in, H, W] (any memory format) -> logits [K, B, classes], features [K, B, D]."""
+        """x: [B, C_in, H, W] (any memory format) -> logits [K, B, classes], features [K, B, D]
+        and, in training mode with projection heads, projections [K-1, B, D]."""
         h = self.backbone.stem(x)
         logits, features = [], []
         for block, head in self.stages():
@@ -53,7 +72,11 @@ class MultiExitNet(nn.Module):
                 z, f = head(h)
                 logits.append(z)
                 features.append(f)
-        return MultiExitOutput(torch.stack(logits), torch.stack(features))
+        projections = None
+        if self.projectors is not None and self.training:
+            pairs = zip(self.projectors, features[:-1], strict=True)
+            projections = torch.stack([project(f) for project, f in pairs])
+        return MultiExitOutput(torch.stack(logits), torch.stack(features), projections)
 
 
 def _resolve_stem(stem: str, image_size: int) -> StemKind:
@@ -64,12 +87,24 @@ def _resolve_stem(stem: str, image_size: int) -> StemKind:
 
 
 def create_model(
-    cfg: ModelConfig, *, num_classes: int, in_channels: int, image_size: int
+    cfg: ModelConfig,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    projection_heads: bool = False,
 ) -> MultiExitNet:
-    """Build the backbone `cfg.arch` with exits after the blocks `cfg.exits`."""
+    """Build the backbone `cfg.arch` with exits after the blocks `cfg.exits` (and projection
+    heads on exits 1..K-1 for the correlation loss)."""
     assert cfg.exits is not None  # ModelConfig resolves the default placement
     backbone = BACKBONES[cfg.arch](
         in_channels=in_channels, stem=_resolve_stem(cfg.stem, image_size)
     )
     assert len(backbone.blocks) == BLOCKS_PER_ARCH[cfg.arch], cfg.arch
-    return MultiExitNet(backbone, cfg.exits, num_classes=num_classes, head_width=cfg.head_width)
+    return MultiExitNet(
+        backbone,
+        cfg.exits,
+        num_classes=num_classes,
+        head_width=cfg.head_width,
+        projection_heads=projection_heads,
+    )
