@@ -121,8 +121,8 @@ def report(results: list[tuple[str, int, dict[str, float]]], kinds: list[str], e
     for kind in kinds:
         cells = [_stats([r[c] for r in by_kind[kind]]) for c in columns]
         print(f"{kind:16}" + "".join(f"{m:>9.4f} ± {s:.4f}" for m, s in cells))
-    if "mate" not in kinds:
-        return
+    if "mate" not in kinds or len(by_kind["mate"]) < 2:
+        return  # no verdict from one seed
     for c, head in zip(columns, heads, strict=True):
         mate = [r[c] for r in by_kind["mate"]]
         others = [

@@ -37,6 +37,7 @@ __all__ = [
     "ReportCallback",
     "apply_figures",
     "figures_write",
+    "log_report_or_warn",
     "log_trial_figures",
 ]
 
@@ -130,12 +131,15 @@ class ReportCallback(Callback):
         return {"record": replace(self.record, **masked)}
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        from orchestrator.html_report import log_report
-
         full = {key: reveal(getattr(self.record, key)) for key in ("tracking_uri", "study_storage")}
-        try:
-            log_report(replace(self.record, **full))
-        except Exception:
-            logger.warning(
-                "could not write the report of sweep %s", self.record.name, exc_info=True
-            )
+        log_report_or_warn(replace(self.record, **full))
+
+
+def log_report_or_warn(record: SweepRecord) -> None:
+    """Write the sweep report and log it to the parent run; a failure is only a warning."""
+    from orchestrator.html_report import log_report
+
+    try:
+        log_report(record)
+    except Exception:
+        logger.warning("could not write the report of sweep %s", record.name, exc_info=True)

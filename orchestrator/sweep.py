@@ -30,9 +30,10 @@ from ray.tune.search import ConcurrencyLimiter
 from orchestrator import preflight
 from orchestrator.cluster import init_ray
 from orchestrator.credentials import mask, remember, reveal
-from orchestrator.figures import ReportCallback
-from orchestrator.mlflow_writer import JOURNAL_FILE
+from orchestrator.figures import ReportCallback, log_report_or_warn
+from orchestrator.mlflow_writer import MlflowWriter
 from orchestrator.optuna_search import (
+    OPTUNA_TRIAL_NUMBER,
     RAY_TRIAL_ATTR,
     OptunaPruningScheduler,
     OptunaSearcher,
@@ -46,6 +47,7 @@ from orchestrator.tracking import (
     flush_writer,
     open_writer,
     resolve_tracking_uri,
+    summarize_sweep,
 )
 from trainer.config import ConfigError
 from trainer.data import check_available
@@ -330,17 +332,42 @@ def check_resumable(record: SweepRecord) -> None:
         )
 
 
-def apply_journal(record: SweepRecord) -> None:
-    """Apply MLflow writes a killed driver left in the sweep's journal (no Ray needed)."""
-    if (record.directory / JOURNAL_FILE).exists():
-        writer = open_writer(
-            record.tracking_uri,
-            record.experiment_id,
-            record.parent_run_id,
-            record.name,
-            record.directory,
-        )
-        flush_writer(writer, record.name)
+def _writer(record: SweepRecord) -> MlflowWriter:
+    return open_writer(
+        record.tracking_uri,
+        record.experiment_id,
+        record.parent_run_id,
+        record.name,
+        record.directory,
+    )
+
+
+def last_checkpoints(record: SweepRecord) -> dict[int, str]:
+    """Optuna trial number -> the last checkpoint directory its Tune trial left."""
+    found = {}
+    for trial_dir in record.directory.glob("trial_*"):
+        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+        if checkpoints and (trial_dir / "params.json").exists():
+            number = json.loads((trial_dir / "params.json").read_text())[OPTUNA_TRIAL_NUMBER]
+            found[number] = str(checkpoints[-1])
+    return found
+
+
+def complete_record(record: SweepRecord) -> None:
+    """Complete the MLflow record of a sweep whose trials have all finished (no Ray needed):
+    apply the writes a killed driver left in the journal and, when it died before the
+    summary (the parent run is still RUNNING), write the summary and the report."""
+    flush_writer(_writer(record), record.name)
+    parent = MlflowClient(record.tracking_uri).get_run(record.parent_run_id)
+    if parent.info.status != "RUNNING":
+        return
+    writer = _writer(record)
+    study = (record.study_storage, record.name)
+    summarize_sweep(
+        writer, study, record.spec().search.metrics, last_checkpoints(record), finished=True
+    )
+    flush_writer(writer, record.name)
+    log_report_or_warn(record)
 
 
 def resume(record: SweepRecord) -> tune.ResultGrid | None:
@@ -349,7 +376,7 @@ def resume(record: SweepRecord) -> tune.ResultGrid | None:
     writes applied (returns None)."""
     check_resumable(record)
     if is_finished(record):
-        apply_journal(record)
+        complete_record(record)
         return None
     spec = record.spec()
     if record.address:

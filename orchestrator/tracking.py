@@ -239,37 +239,54 @@ class MlflowTrackingCallback(Callback):
         self.writer.submit(figures.figures_write(trial, number))
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        """Summarise the sweep on the parent run by the rule `status` uses (the best COMPLETE
-        trial's final values; every Pareto trial with several objectives), keep those trials'
-        checkpoints, and wait for the writer to apply everything."""
-        from orchestrator.report import best_trial, load_study_from, pareto_trials
-
-        study = load_study_from(reveal(self.study_ref[0]), self.study_ref[1])
-        multi = len(self.metrics) > 1
-        chosen = [t for t in (pareto_trials(study) if multi else [best_trial(study)]) if t]
-        checkpoints = {t.config[OPTUNA_TRIAL_NUMBER]: t.checkpoint for t in trials}
-        for frozen in chosen:
-            if (checkpoint := checkpoints.get(frozen.number)) is not None:
-                # The checkpoint stays in the sweep's storage until the sweep directory goes.
-                self.writer.submit(
-                    {
-                        "op": "artifacts",
-                        "trial": frozen.number,
-                        "path": checkpoint.path,
-                        "artifact_path": "checkpoint",
-                    }
-                )
-        summary: dict[str, Any] = {"op": "sweep", "time": now_ms(), "metrics": {}}
-        summary["best_trial"] = chosen[0].number if chosen else None
-        summary["pareto_trials"] = [t.number for t in chosen] if multi else []
-        if chosen:
-            values = zip(self.metrics, chosen[0].values, strict=True)
-            summary["metrics"] = {f"best/{metric}": value for metric, value in values}
-        done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
-        summary["status"] = "FINISHED" if done else None
-        self.writer.submit(summary)
+        """Summarise the sweep on the parent run (:func:`summarize_sweep`) and wait for the
+        writer to apply everything."""
+        summarize_sweep(
+            self.writer,
+            (reveal(self.study_ref[0]), self.study_ref[1]),
+            self.metrics,
+            {t.config[OPTUNA_TRIAL_NUMBER]: t.checkpoint.path for t in trials if t.checkpoint},
+            finished=all(t.status in ("TERMINATED", "ERROR") for t in trials),
+        )
         flush_writer(self.writer, self.sweep_name)
         self._writer = None
+
+
+def summarize_sweep(
+    writer: MlflowWriter,
+    study: tuple[str, str],  # (storage URL, study name)
+    metrics: list[str],
+    checkpoints: Mapping[int, str],  # Optuna trial number -> its last checkpoint directory
+    *,
+    finished: bool,
+) -> None:
+    """Submit the parent run's summary by the rule `status` uses (the best COMPLETE trial's
+    final values; every Pareto trial with several objectives), with the chosen trials'
+    checkpoints as artifacts; the parent ends FINISHED when `finished`."""
+    from orchestrator.report import best_trial, load_study_from, pareto_trials
+
+    loaded = load_study_from(*study)
+    multi = len(metrics) > 1
+    chosen = [t for t in (pareto_trials(loaded) if multi else [best_trial(loaded)]) if t]
+    for frozen in chosen:
+        if (checkpoint := checkpoints.get(frozen.number)) is not None:
+            # The checkpoint stays in the sweep's storage until the sweep directory goes.
+            writer.submit(
+                {
+                    "op": "artifacts",
+                    "trial": frozen.number,
+                    "path": checkpoint,
+                    "artifact_path": "checkpoint",
+                }
+            )
+    summary: dict[str, Any] = {"op": "sweep", "time": now_ms(), "metrics": {}}
+    summary["best_trial"] = chosen[0].number if chosen else None
+    summary["pareto_trials"] = [t.number for t in chosen] if multi else []
+    if chosen:
+        values = zip(metrics, chosen[0].values, strict=True)
+        summary["metrics"] = {f"best/{metric}": value for metric, value in values}
+    summary["status"] = "FINISHED" if finished else None
+    writer.submit(summary)
 
 
 def open_writer(

@@ -21,6 +21,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import EXIT_INTERRUPTED, main
+from orchestrator.html_report import REPORT_FILE
+from orchestrator.mlflow_writer import BEST_RUN_TAG
 from orchestrator.sweep import SweepRecord
 from sweep_helpers import (
     child_runs,
@@ -170,3 +172,44 @@ def test_resume_after_sigkill_records_each_epoch_once_and_no_password(
         assert parent.data.params["sweep.tracking_uri"] == tracking_db.replace(PASSWORD, "***")
         for run in [parent, *children]:
             assert PASSWORD not in json.dumps([run.data.params, run.data.tags])
+
+
+@pytest.mark.slow
+def test_resume_completes_the_record_of_a_sweep_killed_after_its_last_trial(local_ray, tmp_path):
+    """The driver dies once the study has every trial, maybe before the parent run got its
+    summary: `resume` runs nothing and leaves the record complete, each value once."""
+    space = short_digits_space(tmp_path, max_epochs=2, num_samples=2)
+    launch = [str(Path(sys.executable).with_name("orchestrate")), "launch", "--space", str(space)]
+    process = subprocess.Popen(
+        [*launch, *sweep_args(tmp_path, "late")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while _finished_trials(tmp_path, "late") < 2:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the trials did not finish in time"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    process.communicate(timeout=60)
+
+    record = SweepRecord.load("late", tmp_path / "sweeps")
+    storage = ["--storage", str(tmp_path / "sweeps")]
+    for _ in range(2):  # a second resume changes nothing
+        resumed = CliRunner().invoke(main, ["resume", "late", *storage])
+        assert resumed.exit_code == 0 and "sweep late had finished" in resumed.output
+        trials, _ = _assert_finished_with_one_run_per_trial(record, 2)
+        client = MlflowClient(record.tracking_uri)
+        parent = client.get_run(record.parent_run_id)
+        assert parent.info.status == "FINISHED"
+        best = max((t for t in trials if t.state == State.COMPLETE), key=lambda t: t.value)
+        history = client.get_metric_history(record.parent_run_id, "best/val/mean_exit_acc")
+        assert [m.value for m in history] == [pytest.approx(best.value)]
+        best_run = client.get_run(parent.data.tags[BEST_RUN_TAG])
+        assert best_run.data.tags["optuna_trial_number"] == str(best.number)
+        assert "checkpoint" in {f.path for f in client.list_artifacts(best_run.info.run_id)}
+        assert REPORT_FILE in {f.path for f in client.list_artifacts(record.parent_run_id)}
