@@ -30,3 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_search.py
 	$(BIN)/python bench/bench_correlation.py
 	$(BIN)/python bench/bench_teachers.py
+	$(BIN)/python bench/bench_methods.py

@@ -10,10 +10,19 @@ import importlib
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["machine", "median_seconds", "versions"]
+import yaml
+
+if TYPE_CHECKING:
+    from orchestrator.sweep import SweepRecord
+
+__all__ = ["launch_sweep", "machine", "median_seconds", "versions"]
 
 
 def versions(*modules: str) -> str:
@@ -40,3 +49,17 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def launch_sweep(space: dict, work: Path, name: str) -> SweepRecord:
+    """Run `space` as a real sweep through `orchestrate launch` on a local Ray, its stores in
+    `work`; the sweep's record once it has ended."""
+    from orchestrator.sweep import SweepRecord
+
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    command = [str(Path(sys.executable).with_name("orchestrate")), "launch"]
+    command += ["--space", str(path), "--name", name, "--storage", str(work / "sweeps")]
+    command += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    subprocess.run(command, cwd=work, check=True, env={**os.environ, "RAY_ADDRESS": ""})
+    return SweepRecord.load(name, work / "sweeps")

@@ -24,19 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from _common import machine, versions
+from _common import launch_sweep, machine, versions
 from mlflow.tracking import MlflowClient
 
-from orchestrator.sweep import SweepRecord
 from trainer import metrics as M
 from trainer.engine import build_job, evaluate, load_checkpoint
 from trainer.trainable import job_config_from_trial
@@ -45,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
 KINDS = ["dsn", "byot", "eed", "phuong_lampert", "mate"]
-ORCHESTRATE = Path(sys.executable).with_name("orchestrate")
 
 
 def grid_space(root: Path, kinds: list[str], seeds: list[int], args) -> dict:
@@ -76,16 +71,6 @@ def grid_space(root: Path, kinds: list[str], seeds: list[int], args) -> dict:
             "train.seed": {"type": "categorical", "choices": seeds},
         },
     }
-
-
-def run_sweep(space: dict, work: Path) -> SweepRecord:
-    path = work / "methods.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    command = [str(ORCHESTRATE), "launch", "--space", str(path), "--name", "methods"]
-    command += ["--storage", str(work / "sweeps")]
-    command += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
-    subprocess.run(command, cwd=work, check=True, env={**os.environ, "RAY_ADDRESS": ""})
-    return SweepRecord.load("methods", work / "sweeps")
 
 
 def evaluate_on_test(trial_dir: Path) -> tuple[str, int, dict[str, float]]:
@@ -146,7 +131,7 @@ def main() -> None:
     root = cifar10_jpeg()
     work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     start = time.perf_counter()
-    record = run_sweep(grid_space(root, kinds, seeds, args), work)
+    record = launch_sweep(grid_space(root, kinds, seeds, args), work, "methods")
     sweep_minutes = (time.perf_counter() - start) / 60
     trial_dirs = sorted(record.directory.glob("trial_*"))
     results = [evaluate_on_test(d) for d in trial_dirs]

@@ -1,23 +1,28 @@
-"""Search quality on digits at a fixed budget of trial-epochs: ours vs stock Optuna+ASHA vs random.
+"""Search quality on recorded CIFAR-10 learning curves at a fixed budget of trial-epochs:
+ours vs TPE alone vs Ray's stock OptunaSearch + ASHA vs random search.
 
-Three ways to spend the same budget of trial-epochs (sum over trials of the epochs each one
-actually ran) on the shipped digits space (search_spaces/mate_digits.yaml, real training
-through trainer.trainable.train_job, 1 CPU per trial, 2 trials at a time):
+The curves (bench/cifar10_curves.json, recorded once by bench/record_curves.py: a grid of
+24 configurations of the shipped CIFAR-10 space, MATE on resnet20, each trained for the full
+per-trial budget) are replayed through real Ray Tune, Optuna and the project's scheduler: a
+replayed trial reports exactly what was recorded for its configuration (bench/replay.py), so
+every method pays for an epoch what the real training would, at no training cost. The
+methods search the recorded grid (categorical parameters), 1 CPU per trial, 2 at a time:
 
-  ours    OptunaSearcher + OptunaPruningScheduler: TPE proposes, Optuna's successive-halving
+  ours    OptunaSearcher + OptunaPruningScheduler with the shipped CIFAR-10 settings
+          (search_spaces/mate_cifar10.yaml): TPE proposes, Optuna's successive-halving
           pruner stops trials, a pruned trial is told to Optuna as PRUNED (DESIGN §5)
+  tpe     the same TPE without pruning
   stock   Ray's OptunaSearch + ASHAScheduler: the same TPE sampler settings (seed,
-          n_startup_trials, multivariate, constant liar) and the same rungs (grace 1,
-          reduction factor 2, max_t = epochs per trial); a trial ASHA stops is told to Optuna
-          as COMPLETE with its partial-budget value
+          n_startup_trials, multivariate, constant liar) and the same rungs (grace period =
+          min_resource, reduction factor, max_t = epochs per trial); a trial ASHA stops is
+          told to Optuna as COMPLETE with its partial-budget value
   random  OptunaSearcher with Optuna's RandomSampler (same seed) and no pruning
 
 Each run ends when its budget is spent (a Tune Stopper counts every epoch reported; the
-epochs in flight at that moment are lost and not counted). All three use the same Tuner
-settings as orchestrator.sweep._tuner (a ConcurrencyLimiter of 2, reuse_actors, checkpoints,
-retries), but no MLflow callback. For each seed (sampler seed = training seed = the seed),
-the methods run one after another in a rotating order, so drift in machine load spreads over
-all three.
+epochs in flight at that moment are lost and not counted). All use the same Tuner settings
+as orchestrator.sweep._tuner (a ConcurrencyLimiter of 2, reuse_actors, retries), but no
+MLflow callback. Seeds are the samplers' (the curves were recorded with training seed 0);
+for each seed the methods run one after another in a rotating order.
 
 Figures per run, then the median over seeds:
   best full   the highest final-epoch val/mean_exit_acc among trials that ran every epoch of
@@ -27,25 +32,17 @@ Figures per run, then the median over seeds:
   to ACC      trial-epochs spent (in the order Tune received the results) when a trial first
               reported val/mean_exit_acc >= ACC at any epoch; a seed that never got there
               counts as infinite in the median ("not reached" when most did not)
-The TPE sampler's first n_startup_trials (4) proposals are random and, with the same seed,
-the same configurations the random method starts with: proposals can differ only after those.
-The two pruners share the rungs (1, 2, 4 epochs) but not the rule at a rung: Optuna's
-SuccessiveHalvingPruner continues a trial in the top floor(n/2) of the n values recorded there
-(at least 1), Ray's ASHA one at or above their median, so of 3 values Optuna keeps 1, ASHA 2.
-0.95 is reached by most digits configurations after 5-6 epochs (it measures epochs more than
-search); 0.98 is reached by few, so it is the discriminating target.
+The default targets are the final values of the grid's third-best and best configurations.
 
-    .venv/bin/python bench/bench_search.py            # 5 seeds, 8 epochs/trial, 64 trial-epochs
-    .venv/bin/python bench/bench_search.py --quick    # 3 seeds, 4 epochs/trial, 16 trial-epochs
+    .venv/bin/python bench/bench_search.py            # 10 seeds, 48 trial-epochs
+    .venv/bin/python bench/bench_search.py --quick    # 3 seeds, 18 trial-epochs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -54,35 +51,35 @@ from pathlib import Path
 
 import optuna
 import ray
+import replay
 import yaml
 from _common import machine, versions
-from ray import tune
+from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from replay import CURVES_FILE, Curves, replay_trial
 
 from orchestrator.cluster import init_ray
 from orchestrator.optuna_search import OptunaPruningScheduler, OptunaSearcher, make_sampler
-from orchestrator.space import SpaceSpec, decode_params, optuna_distributions, parse_space
+from orchestrator.space import SpaceSpec, decode_params, optuna_distributions
 from orchestrator.sweep import MAX_FAILURES, trial_dirname, trial_resources
 from trainer import metrics as M
-from trainer.trainable import train_job
 
-DIGITS_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "mate_digits.yaml"
-METHODS = ("ours", "stock", "random")
+CIFAR10_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "mate_cifar10.yaml"
+METHODS = ("ours", "tpe", "stock", "random")
 CONCURRENCY = 2  # trials at a time: 2 CPUs, 1 CPU per trial
 
 
-def digits_spec(seed: int, max_epochs: int, method: str) -> SpaceSpec:
-    """The shipped digits space with this run's seed, per-trial epochs and sampler/pruner."""
-    data = yaml.safe_load(DIGITS_SPACE.read_text())
-    data["base"]["train"]["seed"] = seed
-    data["search"]["sampler"]["seed"] = seed
-    data["search"]["pruner"]["max_epochs"] = max_epochs
+def replay_spec(curves: Curves, seed: int, method: str) -> SpaceSpec:
+    """The recorded grid with the shipped CIFAR-10 sampler and pruner, for this seed/method."""
+    shipped = yaml.safe_load(CIFAR10_SPACE.read_text())["search"]
+    sampler, pruner = {**shipped["sampler"], "seed": seed}, shipped["pruner"]
+    if method in ("tpe", "random"):
+        pruner = {"kind": "none"}
     if method == "random":
-        data["search"]["sampler"]["kind"] = "random"
-        data["search"]["pruner"]["kind"] = "none"
-    return parse_space(data, source=f"{DIGITS_SPACE.name} (seed {seed}, {method})")
+        sampler = {"kind": "random", "seed": seed}
+    return curves.spec(sampler=sampler, pruner=pruner, num_samples=1)
 
 
 class EpochBudget(tune.Stopper):
@@ -106,31 +103,18 @@ class EpochBudget(tune.Stopper):
         return len(self.results) >= self.budget
 
 
-class Proposals(tune.Callback):
-    """The configurations a run's searcher proposed, in the order their trials started."""
-
-    def __init__(self, spec: SpaceSpec) -> None:
-        self.spec = spec
-        self.configs: list[str] = []
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        config = trial.config
-        if "overrides" in config:  # OptunaSearcher
-            params = config["overrides"]
-        else:  # stock OptunaSearch: flat keys, JSON-encoded list choices
-            params = decode_params(self.spec, {key: config[key] for key in self.spec.space})
-        rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in params.items()}
-        self.configs.append(json.dumps(rounded, sort_keys=True))
-
-
-def stock_trial(config: dict, spec: SpaceSpec) -> None:
-    """train_job for a stock OptunaSearch config (flat dotted keys, JSON-encoded choices)."""
+def stock_trial(config: dict, spec: SpaceSpec, curves: Curves) -> None:
+    """replay_trial for a stock OptunaSearch config (flat dotted keys, JSON-encoded choices)."""
     params = {key: config[key] for key in spec.space}
-    train_job({"job": config["job"], "overrides": decode_params(spec, params)})
+    replay_trial({"overrides": decode_params(spec, params)}, curves)
 
 
 def make_tuner(
-    method: str, spec: SpaceSpec, stopper: EpochBudget, proposals: Proposals, workdir: str
+    method: str,
+    spec: SpaceSpec,
+    curves: Curves,
+    stopper: EpochBudget,
+    workdir: str,
 ) -> tune.Tuner:
     search = spec.search
     if method == "stock":
@@ -148,11 +132,11 @@ def make_tuner(
             grace_period=search.pruner.min_resource,
             reduction_factor=search.pruner.reduction_factor,
         )
-        trainable = tune.with_parameters(stock_trial, spec=spec)
+        trainable = tune.with_parameters(stock_trial, spec=spec, curves=curves)
     else:
         searcher = OptunaSearcher(spec, f"sqlite:///{workdir}/optuna.db", method)
         scheduler = OptunaPruningScheduler(searcher)
-        trainable = train_job
+        trainable = tune.with_parameters(replay_trial, curves=curves)
     return tune.Tuner(  # as orchestrator.sweep._tuner, with `stop` and without MLflow
         tune.with_resources(trainable, trial_resources(spec, gpus=0)),
         param_space={"job": spec.job_for({}).to_dict()},
@@ -169,7 +153,6 @@ def make_tuner(
             name=method,
             storage_path=workdir,
             stop=stopper,
-            callbacks=[proposals],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0,
@@ -185,7 +168,6 @@ class Run:
     trials: int
     full_trials: int
     seconds: float
-    proposals: list[str]  # configurations, in trial start order
 
 
 def trial_epochs_to(results: list[tuple[str, int, float]], target: float) -> float:
@@ -195,9 +177,7 @@ def trial_epochs_to(results: list[tuple[str, int, float]], target: float) -> flo
     return math.inf
 
 
-def summarize(
-    stopper: EpochBudget, proposals: Proposals, max_epochs: int, targets: list[float], secs: float
-) -> Run:
+def summarize(stopper: EpochBudget, max_epochs: int, targets: list[float], secs: float) -> Run:
     results = stopper.results
     full = [value for _, epoch, value in results if epoch == max_epochs]
     return Run(
@@ -207,18 +187,17 @@ def summarize(
         trials=len({trial_id for trial_id, _, _ in results}),
         full_trials=len(full),
         seconds=secs,
-        proposals=proposals.configs,
     )
 
 
-def run_once(method: str, seed: int, args: argparse.Namespace) -> Run:
-    spec = digits_spec(seed, args.epochs, method)
-    stopper, proposals = EpochBudget(args.budget, spec.search.metric), Proposals(spec)
+def run_once(method: str, seed: int, curves: Curves, args: argparse.Namespace) -> Run:
+    spec = replay_spec(curves, seed, method)
+    stopper = EpochBudget(args.budget, spec.search.metric)
     with tempfile.TemporaryDirectory(prefix="bench_search_") as workdir:
         start = time.perf_counter()
-        make_tuner(method, spec, stopper, proposals, workdir).fit()
+        make_tuner(method, spec, curves, stopper, workdir).fit()
         seconds = time.perf_counter() - start
-    return summarize(stopper, proposals, spec.max_epochs, args.targets, seconds)
+    return summarize(stopper, spec.max_epochs, args.targets, seconds)
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:
@@ -255,7 +234,7 @@ def report(runs: dict[str, list[Run]], targets: list[float]) -> None:
             line + f"{med(r.trials for r in rs):>8g}{med(r.full_trials for r in rs):>6g}"
             f"{med(r.seconds for r in rs):>7.1f}"
         )
-    for other in ("stock", "random"):
+    for other in METHODS[1:]:
         ours, theirs = medians["ours"], medians[other]
         line = (
             f"ours / {other}: best full {ratio(ours['full'], theirs['full'])}, "
@@ -266,63 +245,59 @@ def report(runs: dict[str, list[Run]], targets: list[float]) -> None:
         print(line)
 
 
+def default_targets(curves: Curves) -> list[float]:
+    """The final values of the grid's third-best and best configurations."""
+    finals = sorted(curve[-1] for curve in curves.curves.values())
+    return [finals[-3], finals[-1]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5, metavar="S", help="default 5")
+    parser.add_argument("--seeds", type=int, default=10, metavar="S", help="default 10")
     parser.add_argument(
-        "--epochs", type=int, default=8, metavar="E", help="epochs per trial, default 8"
-    )
-    parser.add_argument(
-        "--budget", type=int, default=64, metavar="B", help="trial-epochs per run, default 64"
+        "--budget", type=int, default=48, metavar="B", help="trial-epochs per run, default 48"
     )
     parser.add_argument(
         "--targets",
         type=float,
         nargs="+",
-        default=[0.95, 0.98],
         metavar="ACC",
-        help="val/mean_exit_acc targets, default 0.95 0.98",
+        help="val/mean_exit_acc targets (default: the third-best and best final values)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="3 seeds, 4 epochs/trial, 16 trial-epochs"
-    )
+    parser.add_argument("--quick", action="store_true", help="3 seeds, 18 trial-epochs")
+    parser.add_argument("--curves", type=Path, default=CURVES_FILE, help="the recorded table")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.epochs, args.budget = 3, 4, 16
+        args.seeds, args.budget = 3, 18
+    curves = Curves.load(args.curves)
+    args.targets = args.targets or default_targets(curves)
+    epochs = len(next(iter(curves.curves.values())))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A checkpoint per epoch forces frequent experiment-state snapshots (num_to_keep=2, as in
-    # a sweep); Tune warns about each. The snapshots still happen (bench_overhead times them).
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # The trial proposed last never starts once the budget is spent; Tune warns it has no data.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    cloudpickle.register_pickle_by_value(replay)  # Ray's workers cannot import bench/
 
-    print(versions("torch", "ray", "optuna", "mlflow"))
+    print(versions("ray", "optuna"))
     print(machine())
     print(
-        f"digits space, {args.epochs} epochs/trial, budget {args.budget} trial-epochs, "
-        f"seeds 0..{args.seeds - 1}, {CONCURRENCY} trials x 1 CPU at a time"
+        f"{len(curves.curves)} recorded CIFAR-10 configurations x {epochs} epochs, budget "
+        f"{args.budget} trial-epochs, seeds 0..{args.seeds - 1}, {CONCURRENCY} trials at a time"
     )
     init_ray(num_cpus=CONCURRENCY, num_gpus=0)
     runs: dict[str, list[Run]] = {method: [] for method in METHODS}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        order = METHODS[seed % 3 :] + METHODS[: seed % 3]  # rotate: drift hits all alike
-        for method in order:
-            run = run_once(method, seed, args)
+        order = METHODS[seed % len(METHODS) :] + METHODS[: seed % len(METHODS)]
+        for method in order:  # rotated: drift hits all alike
+            run = run_once(method, seed, curves, args)
             runs[method].append(run)
-            to = "  ".join(f"to {t} {fmt(run.to_target[t], 'g'):>3}" for t in args.targets)
+            to = "  ".join(f"to {t:.4f} {fmt(run.to_target[t], 'g'):>3}" for t in args.targets)
             print(
                 f"  seed {seed} {method:6s} best full {fmt(run.best_full)}  best any "
                 f"{run.best_any:.4f}  {to}  trials {run.trials:2d} "
                 f"({run.full_trials} full)  {run.seconds:5.1f} s",
                 flush=True,
             )
-        ours, stock = runs["ours"][-1].proposals, runs["stock"][-1].proposals
-        shared = sum(a == b for a, b in zip(ours, stock, strict=False))
-        print(
-            f"  seed {seed} ours and stock proposed the same configuration for {shared} of the "
-            f"first {min(len(ours), len(stock))} trials (position by position)"
-        )
     ray.shutdown()
     print(f"{machine()}; {time.perf_counter() - start:.0f} s of runs")
     report(runs, args.targets)

@@ -372,8 +372,8 @@ def complete_record(record: SweepRecord) -> None:
 
 def resume(record: SweepRecord) -> tune.ResultGrid | None:
     """Continue an interrupted sweep where Tune's experiment state left it (the callbacks
-    given at launch come back with it). A finished sweep only gets its pending MLflow
-    writes applied (returns None)."""
+    given at launch come back with it). A finished sweep only gets its MLflow record
+    completed (:func:`complete_record`; returns None)."""
     check_resumable(record)
     if is_finished(record):
         complete_record(record)

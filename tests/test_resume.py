@@ -59,18 +59,23 @@ def _assert_finished_with_one_run_per_trial(record: SweepRecord, num_samples: in
     return trials, children
 
 
-def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
-    space = short_digits_space(tmp_path, max_epochs=4, num_samples=NUM_SAMPLES)
+def _launch(workdir: Path, space: Path, args: list[str], env: dict | None = None):
+    """A real `orchestrate launch` in its own session (killpg stops it and its Ray)."""
     orchestrate = Path(sys.executable).with_name("orchestrate")
-    launch = [str(orchestrate), "launch", "--space", str(space)]
-    process = subprocess.Popen(
-        [*launch, *sweep_args(tmp_path, "cut")],
-        cwd=tmp_path,
+    return subprocess.Popen(
+        [str(orchestrate), "launch", "--space", str(space), *args],
+        cwd=workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
+        env={**os.environ, "RAY_ADDRESS": "", **(env or {})},
+        start_new_session=True,
     )
+
+
+def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
+    space = short_digits_space(tmp_path, max_epochs=4, num_samples=NUM_SAMPLES)
+    process = _launch(tmp_path, space, sweep_args(tmp_path, "cut"))
     deadline = time.monotonic() + 180
     while _finished_trials(tmp_path, "cut") < 2 and time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
@@ -116,20 +121,9 @@ def test_resume_after_sigkill_records_each_epoch_once_and_no_password(
     with postgres_databases("optuna", "mlflow") as urls, ray_temp_dir() as ray_dir:
         study_db, tracking_db = (_with_password(url) for url in urls)
         space = short_digits_space(tmp_path, max_epochs=4, num_samples=KILLED_SAMPLES)
-        launch = [str(Path(sys.executable).with_name("orchestrate")), "launch"]
-        launch += ["--space", str(space), "--name", "killed"]
-        launch += ["--storage", str(tmp_path / "sweeps"), "--study-storage", study_db]
-        launch += ["--tracking-uri", tracking_db]
-        env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir}
-        process = subprocess.Popen(
-            launch,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
+        args = ["--name", "killed", "--storage", str(tmp_path / "sweeps")]
+        args += ["--study-storage", study_db, "--tracking-uri", tracking_db]
+        process = _launch(tmp_path, space, args, {"RAY_TMPDIR": ray_dir})
         deadline = time.monotonic() + 240
         while not _mid_sweep(tmp_path / "sweeps" / "killed" / "sweep.json", study_db):
             assert process.poll() is None, process.stdout.read()
@@ -179,16 +173,7 @@ def test_resume_completes_the_record_of_a_sweep_killed_after_its_last_trial(loca
     """The driver dies once the study has every trial, maybe before the parent run got its
     summary: `resume` runs nothing and leaves the record complete, each value once."""
     space = short_digits_space(tmp_path, max_epochs=2, num_samples=2)
-    launch = [str(Path(sys.executable).with_name("orchestrate")), "launch", "--space", str(space)]
-    process = subprocess.Popen(
-        [*launch, *sweep_args(tmp_path, "late")],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": ""},
-        start_new_session=True,
-    )
+    process = _launch(tmp_path, space, sweep_args(tmp_path, "late"))
     deadline = time.monotonic() + 240
     while _finished_trials(tmp_path, "late") < 2:
         assert process.poll() is None, process.stdout.read()
