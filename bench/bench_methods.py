@@ -15,7 +15,7 @@ or "loses" when the difference of the means exceeds twice its standard error ove
 
 The images were re-encoded as JPEG: accuracies differ a little from the pickled CIFAR-10.
 
-    .venv/bin/python bench/bench_methods.py            # 3 seeds, 10% subset, 8 epochs (~45 min)
+    .venv/bin/python bench/bench_methods.py            # 3 seeds, 10% subset, 8 epochs (~52 min)
     .venv/bin/python bench/bench_methods.py --quick    # 1 seed, dsn and mate, 2 epochs
 """
 

@@ -71,10 +71,15 @@ METHODS = ("ours", "tpe", "stock", "random")
 CONCURRENCY = 2  # trials at a time: 2 CPUs, 1 CPU per trial
 
 
-def replay_spec(curves: Curves, seed: int, method: str) -> SpaceSpec:
-    """The recorded grid with the shipped CIFAR-10 sampler and pruner, for this seed/method."""
+def replay_spec(
+    curves: Curves, seed: int, method: str, rungs: tuple[int, int] | None = None
+) -> SpaceSpec:
+    """The recorded grid with the shipped CIFAR-10 sampler and pruner (or `rungs`: another
+    min_resource and reduction_factor), for this seed and method."""
     shipped = yaml.safe_load(CIFAR10_SPACE.read_text())["search"]
     sampler, pruner = {**shipped["sampler"], "seed": seed}, shipped["pruner"]
+    if rungs is not None:
+        pruner = {**pruner, "min_resource": rungs[0], "reduction_factor": rungs[1]}
     if method in ("tpe", "random"):
         pruner = {"kind": "none"}
     if method == "random":
@@ -191,7 +196,7 @@ def summarize(stopper: EpochBudget, max_epochs: int, targets: list[float], secs:
 
 
 def run_once(method: str, seed: int, curves: Curves, args: argparse.Namespace) -> Run:
-    spec = replay_spec(curves, seed, method)
+    spec = replay_spec(curves, seed, method, args.rungs)
     stopper = EpochBudget(args.budget, spec.search.metric)
     with tempfile.TemporaryDirectory(prefix="bench_search_") as workdir:
         start = time.perf_counter()
@@ -216,7 +221,7 @@ def report(runs: dict[str, list[Run]], targets: list[float]) -> None:
     med = statistics.median
     header = f"{'method':8}{'best full':>11}{'best any':>10}"
     for target in targets:
-        header += f"{f'to {target}':>13}{'reached':>9}"
+        header += f"{f'to {target:.4f}':>13}{'reached':>9}"
     print(header + f"{'trials':>8}{'full':>6}{'s/run':>7}")
     medians: dict[str, dict] = {}
     for method, rs in runs.items():
@@ -234,14 +239,16 @@ def report(runs: dict[str, list[Run]], targets: list[float]) -> None:
             line + f"{med(r.trials for r in rs):>8g}{med(r.full_trials for r in rs):>6g}"
             f"{med(r.seconds for r in rs):>7.1f}"
         )
-    for other in METHODS[1:]:
+    if "ours" not in runs:
+        return
+    for other in (m for m in runs if m != "ours"):
         ours, theirs = medians["ours"], medians[other]
         line = (
             f"ours / {other}: best full {ratio(ours['full'], theirs['full'])}, "
             f"best any {ratio(ours['any'], theirs['any'])}"
         )
         for target in targets:
-            line += f", trial-epochs to {target} {ratio(ours[target], theirs[target])}"
+            line += f", trial-epochs to {target:.4f} {ratio(ours[target], theirs[target])}"
         print(line)
 
 
@@ -265,6 +272,16 @@ def main() -> None:
         help="val/mean_exit_acc targets (default: the third-best and best final values)",
     )
     parser.add_argument("--quick", action="store_true", help="3 seeds, 18 trial-epochs")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all"
+    )
+    parser.add_argument(
+        "--rungs",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "RF"),
+        help="min_resource and reduction_factor for ours and stock (default: the shipped ones)",
+    )
     parser.add_argument("--curves", type=Path, default=CURVES_FILE, help="the recorded table")
     args = parser.parse_args()
     if args.quick:
@@ -284,10 +301,11 @@ def main() -> None:
         f"{args.budget} trial-epochs, seeds 0..{args.seeds - 1}, {CONCURRENCY} trials at a time"
     )
     init_ray(num_cpus=CONCURRENCY, num_gpus=0)
-    runs: dict[str, list[Run]] = {method: [] for method in METHODS}
+    methods = args.methods
+    runs: dict[str, list[Run]] = {method: [] for method in methods}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        order = METHODS[seed % len(METHODS) :] + METHODS[: seed % len(METHODS)]
+        order = methods[seed % len(methods) :] + methods[: seed % len(methods)]
         for method in order:  # rotated: drift hits all alike
             run = run_once(method, seed, curves, args)
             runs[method].append(run)
