@@ -231,11 +231,15 @@ class MlflowWriter:
         if run_id is None:
             raise MlflowException(f"no run for trial {trial}", RESOURCE_DOES_NOT_EXIST)
         if op == "epoch":
-            step = write["step"]
+            step, tags = write["step"], _tags(write.get("tags", {}))
             if step <= self._last_step.get(trial, 0):
-                return  # the run has this epoch: a restarted trial repeats it
+                # The run has this epoch (a restarted trial repeats it), but the trial may
+                # repeat it on another node: the node tags still apply.
+                if tags:
+                    self._client.log_batch(run_id, tags=tags)
+                return
             metrics = _metrics(write["metrics"], write["time"], step)
-            self._client.log_batch(run_id, metrics=metrics, tags=_tags(write.get("tags", {})))
+            self._client.log_batch(run_id, metrics=metrics, tags=tags)
             self._last_step[trial] = step
         elif op == "end":
             metrics = _metrics(write["metrics"], write["time"], 0)

@@ -355,19 +355,20 @@ def last_checkpoints(record: SweepRecord) -> dict[int, str]:
 
 def complete_record(record: SweepRecord) -> None:
     """Complete the MLflow record of a sweep whose trials have all finished (no Ray needed):
-    apply the writes a killed driver left in the journal and, when it died before the
-    summary (the parent run is still RUNNING), write the summary and the report."""
+    apply the writes a killed driver left in the journal and write what it died before:
+    the summary (the parent run is still RUNNING), the report (not among its artifacts)."""
+    from orchestrator.html_report import REPORT_FILE
+
     flush_writer(_writer(record), record.name)
-    parent = MlflowClient(record.tracking_uri).get_run(record.parent_run_id)
-    if parent.info.status != "RUNNING":
-        return
-    writer = _writer(record)
-    study = (record.study_storage, record.name)
-    summarize_sweep(
-        writer, study, record.spec().search.metrics, last_checkpoints(record), finished=True
-    )
-    flush_writer(writer, record.name)
-    log_report_or_warn(record)
+    client = MlflowClient(record.tracking_uri)
+    if client.get_run(record.parent_run_id).info.status == "RUNNING":
+        writer = _writer(record)
+        study = (record.study_storage, record.name)
+        metrics = record.spec().search.metrics
+        summarize_sweep(writer, study, metrics, last_checkpoints(record), finished=True)
+        flush_writer(writer, record.name)
+    if REPORT_FILE not in {f.path for f in client.list_artifacts(record.parent_run_id)}:
+        log_report_or_warn(record)
 
 
 def resume(record: SweepRecord) -> tune.ResultGrid | None:

@@ -90,6 +90,24 @@ def test_a_trial_restarted_from_an_older_checkpoint_writes_no_epoch_twice(store,
     assert _history(store, "again", 0) == {1: [0.1], 2: [0.2], 3: [0.3], 4: [4.0]}
 
 
+def test_an_epoch_repeated_on_another_node_moves_the_node_tag_only(store, tmp_path):
+    uri, client, _ = store
+    experiment, parent = _sweep(store, "moved")
+    writer = _writer(uri, experiment, parent, "moved", tmp_path)
+    on_worker, on_head = {"node_ip": "10.0.0.2"}, {"node_ip": "10.0.0.1"}
+    writer.submit(_run(0, "moved", parent))
+    writer.submit({**_epoch(0, 1, 0.1), "tags": on_worker})
+    writer.submit(_epoch(0, 2, 0.2))
+    writer.submit({**_epoch(0, 2, 9.9), "tags": on_head})  # restarted on the head: a repeat
+    writer.submit(_epoch(0, 3, 0.3))  # no tags: the node has not changed since
+    assert writer.close(timeout=60) == 0
+    assert _history(store, "moved", 0) == {1: [0.1], 2: [0.2], 3: [0.3]}
+    (run,) = client.search_runs(
+        [experiment], f"tags.{TRIAL_NUMBER_TAG} = '0' and tags.{SWEEP_TAG} = 'moved'"
+    )
+    assert run.data.tags["node_ip"] == "10.0.0.1"
+
+
 def test_a_torn_last_journal_line_is_cut_off(store, tmp_path):
     uri, _, _ = store
     experiment, parent = _sweep(store, "torn")
