@@ -15,12 +15,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
-if TYPE_CHECKING:
-    from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 
 __all__ = ["launch_sweep", "machine", "median_seconds", "versions"]
 
@@ -54,8 +52,6 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 def launch_sweep(space: dict, work: Path, name: str) -> SweepRecord:
     """Run `space` as a real sweep through `orchestrate launch` on a local Ray, its stores in
     `work`; the sweep's record once it has ended."""
-    from orchestrator.sweep import SweepRecord
-
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     command = [str(Path(sys.executable).with_name("orchestrate")), "launch"]

@@ -3,9 +3,9 @@
 (a) Sweep wall time. 16 trials of identical work (the digits job with one fixed config,
     `--epochs` epochs each, real training through trainer.trainable.train_job) on a local
     Ray with 2 CPUs, 1 CPU per trial, so 2 trials at a time. `ours` is the real product path,
-    orchestrator.sweep.prepare + launch: OptunaSearcher (pruner kind none), a checkpoint per
-    epoch, MlflowTrackingCallback into a temp sqlite store. `bare` is the floor Ray Tune
-    itself sets: the same epochs through trainer.engine.fit with a plain tune.report (no
+    orchestrator.workflows.launch.prepare + launch: OptunaSearcher (pruner kind none), a
+    checkpoint per epoch, MlflowTrackingCallback into a temp sqlite store. `bare` is the floor
+    Ray Tune itself sets: the same epochs through trainer.engine.fit with a plain tune.report (no
     checkpoint), Tune's default variant generator, no callback. Ray is started before timing;
     the MLflow store's tables are created before timing (a one-off per store).
       work   the sum over all epochs of the trial-measured `epoch_time_s` (train + evaluate)
@@ -60,11 +60,15 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.utils import flatten_dict
 
-from orchestrator.cluster import init_ray
-from orchestrator.optuna_search import OPTUNA_TRIAL_NUMBER, OptunaSearcher
-from orchestrator.space import load_space
-from orchestrator.sweep import launch, prepare, trial_dirname
-from orchestrator.tracking import MlflowTrackingCallback, ensure_experiment
+from orchestrator.entities.names import TRIAL_NUMBER
+from orchestrator.entities.space import load_space
+from orchestrator.entities.sweep import SweepTarget
+from orchestrator.stores.tracking.runs import ensure_experiment
+from orchestrator.tuning.callbacks.tracking import MlflowTrackingCallback
+from orchestrator.tuning.cluster import init_ray
+from orchestrator.tuning.searcher import OptunaSearcher
+from orchestrator.tuning.tuner import trial_dirname
+from orchestrator.workflows.launch import launch, prepare
 from trainer import metrics as M
 from trainer.engine import build_job, evaluate, fit, train_one_epoch
 from trainer.trainable import job_config_from_trial, train_job
@@ -346,9 +350,8 @@ def time_ours(uri: str, trial, results: list[dict], *, driver_only: bool) -> lis
     experiment = ensure_experiment(client, "bench", uri)
     parent = client.create_run(experiment).info.run_id
     directory = Path(uri.removeprefix("sqlite:///")).parent
-    callback = MlflowTrackingCallback(
-        uri, experiment, parent, "bench", M.MEAN_EXIT_ACC, "max", ("sqlite://", "none"), directory
-    )
+    target = SweepTarget("bench", str(directory), uri, experiment, parent, "sqlite://")
+    callback = MlflowTrackingCallback(target, M.MEAN_EXIT_ACC, "max")
     callback.on_trial_start(0, [trial], trial)  # creates the child run and logs params
     callback.writer.flush(60)
     times = []
@@ -402,7 +405,7 @@ def digits_epoch_seconds(threads: int, repeats: int) -> float:
 def bench_logging(workdir: Path, args: argparse.Namespace) -> None:
     recorder = record_results(workdir, args.log_epochs)
     trial, full = recorder.trial, recorder.results
-    trial.config[OPTUNA_TRIAL_NUMBER] = 0  # as our searcher's trials carry (runs are per number)
+    trial.config[TRIAL_NUMBER] = 0  # as our searcher's trials carry (runs are per number)
     names = ours_metric_names(full)
     # Ray's callback needs training_iteration (its step), and logs it as a metric as well.
     keep = names | {"training_iteration"}

@@ -10,7 +10,7 @@ methods search the recorded grid (categorical parameters), 1 CPU per trial, 2 at
 
   ours    OptunaSearcher + OptunaPruningScheduler with the shipped CIFAR-10 settings
           (search_spaces/mate_cifar10.yaml): TPE proposes, Optuna's successive-halving
-          pruner stops trials, a pruned trial is told to Optuna as PRUNED (DESIGN §5)
+          pruner stops trials, a pruned trial is told to Optuna as PRUNED (docs/design.md §5)
   tpe     the same TPE without pruning
   stock   Ray's OptunaSearch + ASHAScheduler: the same TPE sampler settings (seed,
           n_startup_trials, multivariate, constant liar) and the same rungs (grace period =
@@ -19,10 +19,10 @@ methods search the recorded grid (categorical parameters), 1 CPU per trial, 2 at
   random  OptunaSearcher with Optuna's RandomSampler (same seed) and no pruning
 
 Each run ends when its budget is spent (a Tune Stopper counts every epoch reported; the
-epochs in flight at that moment are lost and not counted). All use the same Tuner settings
-as orchestrator.sweep._tuner (a ConcurrencyLimiter of 2, reuse_actors, retries), but no
-MLflow callback. Seeds are the samplers' (the curves were recorded with training seed 0);
-for each seed the methods run one after another in a rotating order.
+epochs in flight at that moment are lost and not counted). All use the sweep's own Tuner
+set-up (orchestrator.tuning.tuner.build_tuner: a ConcurrencyLimiter, here of 2, reuse_actors,
+retries), but no MLflow callback. Seeds are the samplers' (the curves were recorded with
+training seed 0); for each seed the methods run one after another in a rotating order.
 
 Figures per run, then the median over seeds:
   best full   the highest final-epoch val/mean_exit_acc among trials that ran every epoch of
@@ -56,14 +56,15 @@ import yaml
 from _common import machine, versions
 from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from replay import CURVES_FILE, Curves, replay_trial
 
-from orchestrator.cluster import init_ray
-from orchestrator.optuna_search import OptunaPruningScheduler, OptunaSearcher, make_sampler
-from orchestrator.space import SpaceSpec, decode_params, optuna_distributions
-from orchestrator.sweep import MAX_FAILURES, trial_dirname, trial_resources
+from orchestrator.entities.space import SpaceSpec, decode_params
+from orchestrator.stores.study import make_sampler, optuna_distributions
+from orchestrator.tuning.cluster import init_ray
+from orchestrator.tuning.scheduler import OptunaPruningScheduler
+from orchestrator.tuning.searcher import OptunaSearcher
+from orchestrator.tuning.tuner import build_tuner
 from trainer import metrics as M
 
 CIFAR10_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "mate_cifar10.yaml"
@@ -142,26 +143,18 @@ def make_tuner(
         searcher = OptunaSearcher(spec, f"sqlite:///{workdir}/optuna.db", method)
         scheduler = OptunaPruningScheduler(searcher)
         trainable = tune.with_parameters(replay_trial, curves=curves)
-    return tune.Tuner(  # as orchestrator.sweep._tuner, with `stop` and without MLflow
-        tune.with_resources(trainable, trial_resources(spec, gpus=0)),
-        param_space={"job": spec.job_for({}).to_dict()},
-        tune_config=tune.TuneConfig(
-            # As in _tuner: unbounded, Tune keeps one trial of a searcher pending at a time
-            # and short trials run one after another.
-            search_alg=ConcurrencyLimiter(searcher, CONCURRENCY),
-            scheduler=scheduler,
-            num_samples=10_000,  # the epoch budget ends the run
-            trial_dirname_creator=trial_dirname,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=method,
-            storage_path=workdir,
-            stop=stopper,
-            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=0,
-        ),
+    # The sweep's own Tuner set-up (orchestrator.tuning.tuner), with `stop` and no MLflow.
+    return build_tuner(
+        trainable,
+        spec,
+        gpus=0,
+        searcher=searcher,
+        scheduler=scheduler,
+        max_concurrent=CONCURRENCY,
+        name=method,
+        storage_path=workdir,
+        num_samples=10_000,  # the epoch budget ends the run
+        stop=stopper,
     )
 
 

@@ -27,7 +27,7 @@ import yaml
 from _common import launch_sweep, machine, versions
 from replay import CURVES_FILE, config_key
 
-from orchestrator.space import decode_params, parse_space
+from orchestrator.entities.space import decode_params, parse_space
 from trainer import metrics as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.space import SpaceSpec, parse_space
+from orchestrator.entities.space import SpaceSpec, parse_space
 from trainer import metrics as M
 
 __all__ = ["CURVES_FILE", "Curves", "config_key", "replay_trial"]

@@ -1,7 +1,5 @@
-"""Everything around trials: spaces, sweeps, cluster, tracking, CLI."""
+"""Everything around trials: spaces, sweeps, cluster, tracking, CLI (docs/design.md §1)."""
 
-import os
+from orchestrator.entities.env import set_library_defaults
 
-# Neither MLflow nor Ray phones home from a sweep unless the user opts back in.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+set_library_defaults()

@@ -5,7 +5,7 @@ import pytest
 import ray
 
 from cifar10_jpeg import cifar10_jpeg
-from orchestrator.cluster import init_ray
+from orchestrator.tuning.cluster import init_ray
 from results_fixture import results_sweep  # noqa: F401  (the sweep the results tests share)
 
 # Ray workers import trainables defined in test modules by name.

@@ -3,7 +3,7 @@
 Each baseline is transcribed in our own words from its authors' code (the repository, file
 and commit are named next to each function and next to the parity tests in
 tests/test_losses.py), one exit and one exit pair at a time, with the reductions those
-scripts use. `naive_mate_loss` is MATE written from DESIGN §3 as loops over exit pairs; the
+scripts use. `naive_mate_loss` is MATE written from docs/design.md §3 as loops over exit pairs; the
 tests check the batched implementation against it and bench/bench_loss.py times the two.
 Not part of the library.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import DIGITS_SPACE, sweep_args
 
 NAME = "results"

@@ -15,7 +15,7 @@ import sqlalchemy
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPACE = ROOT / "search_spaces" / "mate_digits.yaml"

@@ -24,7 +24,7 @@ import yaml
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.cluster import init_ray
+from orchestrator.tuning.cluster import init_ray
 from sweep_helpers import DIGITS_SPACE, ray_temp_dir
 
 CORPUS = yaml.safe_load((Path(__file__).with_name("bad_inputs.yaml")).read_text())

@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.space import load_space
+from orchestrator.entities.space import load_space
 from trainer.config import (
     ConfigError,
     JobConfig,

@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.credentials import has_secret, mask, remember, reveal
+from orchestrator.entities.credentials import has_secret, mask, remember, reveal
 
 
 @pytest.mark.parametrize(

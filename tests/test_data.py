@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from trainer.config import DatasetConfig
 from trainer.data import DataError, DeviceLoader, ImageTensors, load_splits
@@ -53,8 +54,6 @@ def test_digits_split_respects_val_fraction_and_strata(digits):
 
 
 def test_digits_splits_partition_the_data_set(digits):
-    from sklearn.datasets import load_digits
-
     bunch = load_digits()
     images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
     full = _rows(ImageTensors(images, torch.from_numpy(bunch.target)))

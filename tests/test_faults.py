@@ -34,7 +34,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import DIGITS_SPACE, child_runs, postgres_databases, ray_temp_dir, study_trials
 from trainer import metrics as M
 

@@ -1,6 +1,6 @@
 """Tests for trainer/losses.py.
 
-Expected values are written out from DESIGN §3 with plain `math` on tiny lists, or come from
+Expected values are written out from docs/design.md §3 with plain `math` on tiny lists, or come from
 tests/reference_losses.py (the authors' computations transcribed, and MATE's pairwise
 loops), never from the module's helpers.
 """
@@ -363,7 +363,7 @@ def test_correlation_matches_dlkd_reference_values_and_gradients():
     assert ours[1][0] is None or not ours[1][0][-1].any()  # the final exit's features: no grad
 
 
-# MATE against the pairwise loops of DESIGN §3; its modifiers against TextBrewer's dtd
+# MATE against the pairwise loops of docs/design.md §3; its modifiers against TextBrewer's dtd
 # (airaria/TextBrewer, src/textbrewer/schedulers.py @ d41c255fced4d7a995ae90d5aca5a8ab4073787c),
 # the knowledge adjustments as "Preparing Lessons" describes them, and DLKD's CorrLoss.
 @pytest.mark.parametrize(

@@ -8,15 +8,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from orchestrator.figures import EXIT_ACCURACY_FIGURE, FIGURES_OP
-from orchestrator.mlflow_writer import (
-    APPLIED_FILE,
-    JOURNAL_FILE,
-    SWEEP_TAG,
-    TRIAL_NUMBER_TAG,
-    MlflowWriter,
-)
-from orchestrator.tracking import open_writer
+from orchestrator.entities.names import APPLIED_FILE, JOURNAL_FILE, SWEEP_TAG, TRIAL_NUMBER
+from orchestrator.entities.sweep import SweepTarget
+from orchestrator.stores.tracking.figures import EXIT_ACCURACY_FIGURE, FIGURES_OP
+from orchestrator.stores.tracking.summary import open_writer
+from orchestrator.stores.tracking.writer import MlflowWriter
 from trainer import metrics as M
 
 STEP_METRIC = "train/loss"
@@ -37,12 +33,17 @@ def _sweep(store, name: str) -> tuple[str, str]:
     return experiment, client.create_run(experiment, tags={SWEEP_TAG: name}).info.run_id
 
 
+def _target(uri: str, experiment: str, parent: str, name: str, directory) -> SweepTarget:
+    return SweepTarget(name, str(directory), uri, experiment, parent, study_storage="")
+
+
 def _writer(uri: str, experiment: str, parent: str, name: str, directory) -> MlflowWriter:
-    return MlflowWriter(uri, experiment, parent, name, directory, step_metric=STEP_METRIC)
+    target = _target(uri, experiment, parent, name, directory)
+    return MlflowWriter(target, step_metric=STEP_METRIC)
 
 
 def _run(trial: int, name: str, parent: str) -> dict:
-    tags = {SWEEP_TAG: name, TRIAL_NUMBER_TAG: str(trial), MLFLOW_PARENT_RUN_ID: parent}
+    tags = {SWEEP_TAG: name, TRIAL_NUMBER: str(trial), MLFLOW_PARENT_RUN_ID: parent}
     return {"op": "run", "trial": trial, "tags": tags, "params": {"optim.lr": "0.1"}}
 
 
@@ -54,7 +55,7 @@ def _epoch(trial: int, step: int, value: float) -> dict:
 def _history(store, name: str, trial: int) -> dict[int, list[float]]:
     _, client, experiment = store
     (run,) = client.search_runs(
-        [experiment], f"tags.{SWEEP_TAG} = '{name}' and tags.{TRIAL_NUMBER_TAG} = '{trial}'"
+        [experiment], f"tags.{SWEEP_TAG} = '{name}' and tags.{TRIAL_NUMBER} = '{trial}'"
     )
     steps: dict[int, list[float]] = {}
     for metric in client.get_metric_history(run.info.run_id, STEP_METRIC):
@@ -103,7 +104,7 @@ def test_an_epoch_repeated_on_another_node_moves_the_node_tag_only(store, tmp_pa
     assert writer.close(timeout=60) == 0
     assert _history(store, "moved", 0) == {1: [0.1], 2: [0.2], 3: [0.3]}
     (run,) = client.search_runs(
-        [experiment], f"tags.{TRIAL_NUMBER_TAG} = '0' and tags.{SWEEP_TAG} = 'moved'"
+        [experiment], f"tags.{TRIAL_NUMBER} = '0' and tags.{SWEEP_TAG} = 'moved'"
     )
     assert run.data.tags["node_ip"] == "10.0.0.1"
 
@@ -153,8 +154,8 @@ def test_a_journaled_figures_write_is_drawn_by_the_next_sweep_writer(store, tmp_
         writer.submit(write)
     assert writer.close(timeout=1.0) == 4  # the store is down: all kept in the journal
 
-    assert open_writer(uri, experiment, parent, "figures", tmp_path).close(timeout=60) == 0
-    query = f"tags.{SWEEP_TAG} = 'figures' and tags.{TRIAL_NUMBER_TAG} = '0'"
+    assert open_writer(_target(uri, experiment, parent, "figures", tmp_path)).close(timeout=60) == 0
+    query = f"tags.{SWEEP_TAG} = 'figures' and tags.{TRIAL_NUMBER} = '0'"
     (run,) = client.search_runs([experiment], query)
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert logged == [EXIT_ACCURACY_FIGURE]

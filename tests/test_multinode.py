@@ -1,4 +1,5 @@
-"""A sweep on a two-node Ray cluster (DESIGN §5, `launch --address`), and one that loses a node.
+"""A sweep on a two-node Ray cluster (docs/design.md §5, `launch --address`), and one that
+loses a node.
 
 Each node is a test host of its own: a network namespace joined to the other by a veth pair
 (addresses that exist only inside the two namespaces, so no traffic leaves this machine). The
@@ -29,7 +30,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import child_runs, short_digits_space, sweep_args
 from trainer.metrics import TRAIN_LOSS
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from orchestrator.pick import parse_pick, pick_trial
-from orchestrator.report import best_summary, pareto_trials
-from orchestrator.space import SearchSettings
+from orchestrator.entities.space import SearchSettings
+from orchestrator.rendering.tables import best_summary
+from orchestrator.selection.pick import parse_pick, pick_trial
+from orchestrator.selection.trials import pareto_trials
 from trainer.config import ConfigError
 
 ACC, GFLOPS = "val/mean_exit_acc", "val/anytime_gflops"

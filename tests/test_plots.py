@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator import plots
+from orchestrator.rendering import plots
 from trainer.metrics import AnytimeCurve
 
 

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import child_runs, postgres_databases, short_digits_space, study_trials
 
 

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from orchestrator.console import console
-from orchestrator.quiet import library_output_to
+from orchestrator.cli.quiet import library_output_to
+from orchestrator.rendering.console import console
 from trainer.config import ConfigError
 
 

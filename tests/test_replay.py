@@ -12,8 +12,9 @@ from pathlib import Path
 import optuna
 from ray import cloudpickle, tune
 
-from orchestrator.optuna_search import OptunaPruningScheduler, OptunaSearcher
-from orchestrator.space import decode_params, grid_size
+from orchestrator.entities.space import decode_params, grid_size
+from orchestrator.tuning.scheduler import OptunaPruningScheduler
+from orchestrator.tuning.searcher import OptunaSearcher
 from trainer import metrics as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -18,8 +18,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.html_report import build_panels
-from orchestrator.report import load_study, pareto_trials
+from orchestrator.report.panels import build_panels
+from orchestrator.selection.trials import pareto_trials
+from orchestrator.stores.study import load_study
 from results_fixture import (
     MAX_EPOCHS,
     NAME,

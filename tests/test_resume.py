@@ -21,9 +21,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import EXIT_INTERRUPTED, main
-from orchestrator.html_report import REPORT_FILE
-from orchestrator.mlflow_writer import BEST_RUN_TAG
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.names import BEST_RUN_TAG, REPORT_FILE
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import (
     child_runs,
     postgres_databases,

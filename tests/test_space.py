@@ -6,15 +6,15 @@ import optuna
 import pytest
 import yaml
 
-from orchestrator.space import (
+from orchestrator.entities.space import (
     SpaceSpec,
     decode_params,
     is_space_file,
     load_space,
-    optuna_distributions,
     parse_space,
     sweep_params,
 )
+from orchestrator.stores.study import optuna_distributions
 from trainer.config import ConfigError, JobConfig
 
 SHIPPED = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))

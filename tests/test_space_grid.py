@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from orchestrator.optuna_search import OptunaSearcher
-from orchestrator.space import grid_size, parse_space
+from orchestrator.entities.space import grid_size, parse_space
+from orchestrator.tuning.searcher import OptunaSearcher
 from test_space import VALID
 from trainer.config import ConfigError
 

@@ -7,8 +7,8 @@ import copy
 import optuna
 import pytest
 
-from orchestrator.optuna_search import make_pruner, make_sampler, open_study
-from orchestrator.space import parse_space, pruner_note, sweep_params
+from orchestrator.entities.space import parse_space, pruner_note, sweep_params
+from orchestrator.stores.study import make_pruner, make_sampler, open_study
 from test_space import VALID
 from trainer.config import ConfigError
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.space import decode_params, load_space
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.space import decode_params, load_space
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import child_runs, short_digits_space, study_trials, sweep_args
 from trainer import metrics as M
 

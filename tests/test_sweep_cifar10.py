@@ -21,7 +21,7 @@ from PIL import Image
 
 from cifar10_jpeg import cifar10_subset
 from orchestrator.cli import main
-from orchestrator.sweep import SweepRecord
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import ROOT, child_runs, study_trials, sweep_args
 from trainer import metrics as M
 from trainer.config import DatasetConfig

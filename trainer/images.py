@@ -33,6 +33,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
+from trainer.data.errors import DataError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "DataError",
@@ -50,10 +52,6 @@ _PIL_SUFFIXES = (".ppm", ".bmp", ".pgm", ".tif", ".tiff")  # formats torchvision
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _CHUNK = 256  # files per decode batch: bounds memory, and one nvJPEG call on CUDA
 _CACHE_FORMAT = "1"  # bump when the stored layout or the resizing changes
-
-
-class DataError(ValueError):
-    """A data set is missing or malformed; the message is one line for the user."""
 
 
 def user_cache_dir() -> Path:

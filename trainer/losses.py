@@ -1,4 +1,4 @@
-"""Multi-exit self-distillation losses (DESIGN §3): pure functions, tensors in, scalars out.
+"""Multi-exit self-distillation losses (docs/design.md §3): pure functions, tensors in, scalars out.
 
 K exits give logits z_1..z_K ([K, B, C], shallowest first) and pooled features f_1..f_K
 ([K, B, D]). CE is cross entropy with the label, softCE_T(p, z) = -sum p log softmax(z/T),
@@ -332,7 +332,7 @@ def multi_exit_loss(
     temperature: torch.Tensor | float | None = None,
     projections: torch.Tensor | None = None,
 ) -> LossOutput:
-    """The training loss of `cfg.kind` (DESIGN §3).
+    """The training loss of `cfg.kind` (docs/design.md §3).
 
     logits [K, B, C] shallowest exit first, features [K, B, D], labels [B] int64,
     teacher_logits [K, K] MATE's trainable a_j (required for kind="mate", else ignored),

@@ -1,10 +1,12 @@
-"""Metric names (the one place that defines them, DESIGN §4) and anytime evaluation."""
+"""Metric names (the one place that defines them, docs/design.md §4) and anytime evaluation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads where a function needs it: the names stay light to import
+    import torch
 
 __all__ = [
     "ANYTIME_ACC",
@@ -151,6 +153,8 @@ def anytime_auc(accuracy: torch.Tensor, relative_cost: torch.Tensor) -> float:
     the curve is the running maximum, linearly interpolated; it stays flat up to cost 1.
     1.0 would mean perfect accuracy at zero cost.
     """
+    import torch  # noqa: PLC0415  (the command line reads the names without torch)
+
     order = torch.argsort(relative_cost)
     cost = relative_cost[order].double().clamp(0.0, 1.0)
     acc = torch.cummax(accuracy[order].double(), dim=0).values
@@ -160,6 +164,8 @@ def anytime_auc(accuracy: torch.Tensor, relative_cost: torch.Tensor) -> float:
 
 def default_thresholds(steps: int = 101) -> torch.Tensor:
     """Thresholds from 0 (everyone leaves at exit 1) to just above 1 (everyone reaches K)."""
+    import torch  # noqa: PLC0415  (the command line reads the names without torch)
+
     return torch.cat([torch.linspace(0.0, 1.0, steps), torch.tensor([1.0 + 1e-6])])
 
 

@@ -1,0 +1,27 @@
+"""The ``orchestrate`` group: every command, and what holds for all of them."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from orchestrator.cli.jobs import train, validate
+from orchestrator.cli.options import Group
+from orchestrator.cli.servers import dashboard, ui
+from orchestrator.cli.sweeps import launch, promote, report, resume, status
+
+__all__ = ["main"]
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mate-orchestrator")
+def main() -> None:
+    """Hyperparameter search and experiment orchestration for multi-exit self-distillation."""
+    # MLflow prints a link for every run it ends, made of the tracking URI (and any password
+    # in it); the commands print their own summaries.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+for _command in (train, validate, launch, resume, status, promote, ui, report, dashboard):
+    main.add_command(_command)

@@ -1,0 +1,123 @@
+"""Terminal tables and one-line summaries of a sweep's study (rich).
+
+The live progress line, ``status`` and the final table all say the best with
+:func:`best_summary`, by the rules of :mod:`orchestrator.selection.trials`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import optuna
+from rich.table import Table
+
+from orchestrator.entities.names import EPOCHS_ATTR
+from orchestrator.selection.trials import (
+    best_trial,
+    is_multi_objective,
+    objective_names,
+    pareto_trials,
+)
+
+__all__ = [
+    "SWEEPS_COLUMNS",
+    "best_summary",
+    "counts_text",
+    "params_text",
+    "sweeps_table",
+    "trials_table",
+    "value_text",
+]
+
+SWEEPS_COLUMNS = ("name", "created", "trials", "states", "best")
+_STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+
+
+def value_text(value: float | None) -> str:
+    """4 decimals, or 4 significant digits for small values such as GFLOPs per sample."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) >= 0.01 else f"{value:.4g}"
+
+
+def params_text(params: Mapping[str, object]) -> str:
+    """``temperature=5.479 exits=[2, 4]``: last part of each dotted key, 4 significant digits."""
+    return " ".join(
+        f"{k.rsplit('.', 1)[-1]}={f'{v:.4g}' if isinstance(v, float) else v}"
+        for k, v in params.items()
+    )
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    """``complete 3 pruned 1``: trials per state, states in alphabetical order."""
+    return " ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
+
+
+def best_summary(study: optuna.Study) -> str:
+    """``best val/mean_exit_acc 0.9791 (trial 3)``, or ``Pareto set of 3 trials: 2, 5, 7``."""
+    if is_multi_objective(study):
+        pareto = pareto_trials(study)
+        if not pareto:
+            return "Pareto set: no finished trial yet"
+        numbers = ", ".join(str(t.number) for t in pareto)
+        return f"Pareto set of {len(pareto)} trial{'s' if len(pareto) > 1 else ''}: {numbers}"
+    best = best_trial(study)
+    name = objective_names(study)[0]
+    if best is None:
+        return f"best {name}: no finished trial yet"
+    return f"best {name} {value_text(best.value)} (trial {best.number})"
+
+
+def _latest_values(t: optuna.trial.FrozenTrial, count: int) -> list[float | None]:
+    """The final values, or the last intermediate one of an unfinished or pruned trial
+    (single objective only: a multi-objective trial reports none)."""
+    if t.values is not None:
+        return list(t.values)
+    latest = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
+    return [latest] + [None] * (count - 1)
+
+
+def trials_table(
+    study: optuna.Study, metric: str | list[str], *, limit: int | None = None, title: str = ""
+) -> Table:
+    """Trials ordered best first: the Pareto set (several objectives), then the other
+    finished trials, then the rest by their last value on the primary objective."""
+    metrics = [metric] if isinstance(metric, str) else metric
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    pareto = {t.number for t in pareto_trials(study)} if is_multi_objective(study) else set()
+
+    def sort_key(t: optuna.trial.FrozenTrial) -> tuple[bool, bool, float]:
+        value = _latest_values(t, len(metrics))[0]
+        score = float("-inf") if value is None else (value if maximize else -value)
+        return (t.number in pareto, t.state == optuna.trial.TrialState.COMPLETE, score)
+
+    trials = sorted(study.get_trials(deepcopy=False), key=sort_key, reverse=True)
+    shown = trials[:limit] if limit else trials
+    table = Table(title=title or None)
+    for column in ("trial", "state", "epochs", *metrics, "params"):
+        table.add_column(column, justify="left" if column == "params" else "right")
+    if pareto:
+        table.caption = (
+            "* Pareto set: no other finished trial is as good on every objective and better on one"
+        )
+    for t in shown:
+        style = _STATE_STYLE.get(t.state.name, "")
+        state = f"[{style}]{t.state.name}[/]" if style else t.state.name
+        table.add_row(
+            f"{t.number}*" if t.number in pareto else str(t.number),
+            state,
+            str(t.last_step or t.user_attrs.get(EPOCHS_ATTR, 0)),
+            *(value_text(v) for v in _latest_values(t, len(metrics))),
+            params_text(t.params),
+        )
+    return table
+
+
+def sweeps_table(title: str, rows: Iterable[Sequence[str]]) -> Table:
+    """One row per sweep, its cells in the order of :data:`SWEEPS_COLUMNS`."""
+    table = Table(title=title)
+    for column in SWEEPS_COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table

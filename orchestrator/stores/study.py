@@ -1,0 +1,101 @@
+"""The sweep's Optuna study: created with its sampler and pruner, loaded to be read, and the
+Optuna distributions of a search space."""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+
+from orchestrator.entities.space import SpaceSpec, encode_choice, pruner_note
+from orchestrator.entities.sweep import SweepRecord
+
+__all__ = [
+    "load_study",
+    "load_study_from",
+    "make_pruner",
+    "make_sampler",
+    "open_study",
+    "optuna_distributions",
+]
+
+
+def optuna_distributions(spec: SpaceSpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every searched key (list/dict choices encoded as JSON)."""
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for key, p in spec.space.items():
+        if p.type == "float":
+            step = None if p.step is None else float(p.step)
+            dists[key] = optuna.distributions.FloatDistribution(
+                float(p.low), float(p.high), log=p.log, step=step
+            )
+        elif p.type == "int":
+            step = 1 if p.step is None else p.step
+            dists[key] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=step)
+        else:
+            dists[key] = optuna.distributions.CategoricalDistribution(
+                [encode_choice(c) for c in p.choices]
+            )
+    return dists
+
+
+def make_sampler(spec: SpaceSpec) -> optuna.samplers.BaseSampler:
+    settings = spec.search.sampler
+    if settings.kind == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    if settings.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=settings.seed)
+    if settings.kind == "grid":
+        grid = {key: dist.choices for key, dist in optuna_distributions(spec).items()}
+        return optuna.samplers.GridSampler(grid, seed=settings.seed)
+    return optuna.samplers.TPESampler(
+        seed=settings.seed,
+        n_startup_trials=settings.n_startup_trials,
+        multivariate=settings.multivariate,
+        constant_liar=settings.constant_liar,
+    )
+
+
+def make_pruner(spec: SpaceSpec) -> optuna.pruners.BasePruner:
+    settings = spec.search.pruner
+    if pruner_note(spec) is not None:  # configured, but cannot apply
+        return optuna.pruners.NopPruner()
+    if settings.kind == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=settings.min_resource, reduction_factor=settings.reduction_factor
+        )
+    if settings.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=settings.min_resource,
+            max_resource=spec.max_epochs,
+            reduction_factor=settings.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: SpaceSpec, storage_url: str, study_name: str) -> optuna.Study:
+    """Create or load the sweep's study in RDB storage, its objectives named after the
+    metrics (Optuna's plots, optuna-dashboard and the report show the names)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=optuna.storages.RDBStorage(storage_url),
+        study_name=study_name,
+        directions=["maximize" if mode == "max" else "minimize" for mode in spec.search.modes],
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        load_if_exists=True,
+    )
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.search.metrics)
+    return study
+
+
+def load_study(record: SweepRecord) -> optuna.Study:
+    return load_study_from(record.study_storage, record.name)
+
+
+def load_study_from(storage_url: str, study_name: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=study_name, storage=storage_url)

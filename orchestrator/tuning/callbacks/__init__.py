@@ -1,0 +1,1 @@
+"""Tune callbacks on the sweep driver: MLflow tracking, the sweep report, live progress."""

@@ -1,0 +1,113 @@
+"""Live sweep progress on the terminal: trials running, finished, pruned, failed, best.
+
+The best is read from the Optuna study with :func:`orchestrator.rendering.tables.best_summary`,
+the rule the final table and ``status`` use (the final value of COMPLETE trials; the Pareto set
+with several objectives), so the live line never claims a best the table does not show.
+"""
+
+from __future__ import annotations
+
+import optuna
+from ray.tune import Callback
+from rich.live import Live
+from rich.text import Text
+
+from orchestrator.entities.credentials import MaskedWhenPickled, reveal
+from orchestrator.rendering.console import console
+from orchestrator.rendering.tables import best_summary
+from orchestrator.stores.study import load_study_from
+from trainer import metrics as M
+from trainer.trainable import TRIAL_ERROR
+
+__all__ = ["SweepProgress", "trial_outcome"]
+
+
+def trial_outcome(trial, max_epochs: int) -> str:
+    """running | pending | finished | pruned | failed, from Tune's view of the trial."""
+    if trial.status == "ERROR" or TRIAL_ERROR in (trial.last_result or {}):
+        return "failed"
+    if trial.status == "TERMINATED":
+        epochs = (trial.last_result or {}).get(M.EPOCH, 0)
+        return "finished" if epochs >= max_epochs else "pruned"
+    return "running" if trial.status == "RUNNING" else "pending"
+
+
+class SweepProgress(MaskedWhenPickled, Callback):
+    """Redraws one status line after every trial event."""
+
+    # Tune pickles callbacks into the sweep directory: no password, no live objects.
+    _secret_fields = ("study_storage",)
+    _fresh_fields = (("_live", lambda: None), ("_best", lambda: None), ("_study", lambda: None))
+
+    def __init__(
+        self, num_samples: int, max_epochs: int, study_storage: str, study_name: str
+    ) -> None:
+        self.num_samples = num_samples
+        self.max_epochs = max_epochs
+        self.study_storage = study_storage
+        self.study_name = study_name
+        self._best: str | None = None
+        self._study: optuna.Study | None = None
+        self._live: Live | None = None
+
+    @property
+    def best(self) -> str:
+        if self._best is None:  # read again after each finished trial
+            if self._study is None:
+                self._study = load_study_from(reveal(self.study_storage), self.study_name)
+            self._best = best_summary(self._study)
+        return self._best
+
+    def line(self, trials: list) -> str:
+        counts = {k: 0 for k in ("running", "pending", "finished", "pruned", "failed")}
+        for trial in trials:
+            counts[trial_outcome(trial, self.max_epochs)] += 1
+        done = counts["finished"] + counts["pruned"] + counts["failed"]
+        return (
+            f"trials {done}/{self.num_samples} done: [green]{counts['finished']} finished[/] "
+            f"[yellow]{counts['pruned']} pruned[/] [red]{counts['failed']} failed[/], "
+            f"{counts['running']} running | {self.best}"
+        )
+
+    def _draw(self, trials: list) -> None:
+        """Redraw the live line on a terminal; elsewhere (a pipe, a log) only the final line
+        is printed, whole, at the end."""
+        if not console.is_terminal:
+            return
+        if self._live is None:
+            # Other output must not be drawn above the line: it belongs in the log file.
+            self._live = Live(
+                console=console,
+                auto_refresh=False,
+                transient=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._live.start()
+        text = Text.from_markup(self.line(trials), overflow="ellipsis")
+        text.no_wrap = True  # one line, cut to the terminal's width
+        self._live.update(text, refresh=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._draw(trials)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self._draw(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._best = None  # the searcher has told the study how this trial ended
+        self._draw(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._best = None
+        self._draw(trials)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._best = None
+        if not console.is_terminal:
+            console.print(self.line(trials), soft_wrap=True, highlight=False)
+            return
+        self._draw(trials)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

@@ -1,0 +1,127 @@
+"""The Ray Tune Tuner of a sweep: the trainable with its resources, the Optuna-backed
+searcher and scheduler, and the callbacks that record the trials."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from orchestrator.entities.space import SpaceSpec
+from orchestrator.entities.sweep import SweepRecord
+from orchestrator.tuning.callbacks.report import ReportCallback
+from orchestrator.tuning.callbacks.tracking import MlflowTrackingCallback
+from orchestrator.tuning.scheduler import OptunaPruningScheduler
+from orchestrator.tuning.searcher import OptunaSearcher
+from trainer.trainable import train_job
+
+__all__ = [
+    "MAX_FAILURES",
+    "build_tuner",
+    "concurrency_limit",
+    "restore_tuner",
+    "sweep_tuner",
+    "trial_dirname",
+    "trial_resources",
+]
+
+MAX_FAILURES = 2  # retries of a crashed trial, each from its last checkpoint
+
+
+def trial_resources(spec: SpaceSpec, gpus: int) -> dict[str, float]:
+    """Per-trial resources; with no GPUs granted, trials run on CPUs."""
+    res = spec.search.resources
+    return {"cpu": res.cpu, "gpu": res.gpu if gpus > 0 else 0.0}
+
+
+def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int:
+    """Bound on trials at once: the user's, what `--gpus` allows on a shared cluster, and
+    what the cluster's CPUs hold. Always set: without a limit Tune keeps one trial of a custom
+    searcher pending at a time, so trials start one actor after another (and a trial that
+    ends before the next node's actor is up takes that node's trial: the node gets none)."""
+    res = trial_resources(spec, record.gpus)
+    limits = [record.max_concurrent] if record.max_concurrent else []
+    if res["gpu"] > 0:
+        limits.append(max(1, int(record.gpus / res["gpu"])))
+    limits.append(max(1, int(ray.cluster_resources().get("CPU", 0) / res["cpu"])))
+    return min(limits)
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(
+    trainable: Callable[[dict[str, Any]], None],
+    spec: SpaceSpec,
+    *,
+    gpus: int,
+    searcher: Searcher,
+    scheduler: TrialScheduler,
+    max_concurrent: int,
+    name: str,
+    storage_path: str,
+    num_samples: int,
+    callbacks: Sequence[tune.Callback] = (),
+    stop: tune.Stopper | None = None,
+) -> tune.Tuner:
+    """A Tuner running `trainable` on `spec`'s base job with the trials' resources, at most
+    `max_concurrent` at once, retried from their checkpoints, the two latest kept."""
+    return tune.Tuner(
+        tune.with_resources(trainable, trial_resources(spec, gpus)),
+        param_space={"job": spec.job_for({}).to_dict()},
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent),
+            scheduler=scheduler,
+            num_samples=num_samples,
+            time_budget_s=spec.search.time_budget_s,
+            trial_dirname_creator=trial_dirname,
+            reuse_actors=True,  # a new trial skips the process start and the torch import
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            stop=stop,
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+        ),
+    )
+
+
+def sweep_tuner(
+    spec: SpaceSpec, record: SweepRecord, callbacks: Sequence[tune.Callback] = ()
+) -> tune.Tuner:
+    """The sweep's Tuner: Optuna proposes and prunes, MLflow records, the report is written
+    at the end; `callbacks` run after those."""
+    searcher = OptunaSearcher(
+        spec, record.study_storage, record.name, num_samples=record.num_samples
+    )
+    tracking = MlflowTrackingCallback(record.target, spec.search.metric, spec.search.mode)
+    return build_tuner(
+        train_job,
+        spec,
+        gpus=record.gpus,
+        searcher=searcher,
+        scheduler=OptunaPruningScheduler(searcher),
+        max_concurrent=concurrency_limit(spec, record),
+        name=record.name,
+        storage_path=record.storage_path,
+        num_samples=record.num_samples,
+        callbacks=[tracking, ReportCallback(record), *callbacks],
+    )
+
+
+def restore_tuner(spec: SpaceSpec, record: SweepRecord) -> tune.Tuner:
+    """The interrupted sweep's Tuner as Tune's experiment state left it (the callbacks given
+    at launch come back with it)."""
+    return tune.Tuner.restore(
+        str(record.directory),
+        trainable=tune.with_resources(train_job, trial_resources(spec, record.gpus)),
+        resume_unfinished=True,
+    )

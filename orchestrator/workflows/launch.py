@@ -1,0 +1,136 @@
+"""Launch a sweep: Ray Tune runs the trials, an Optuna study decides, MLflow records.
+
+Everything a sweep needs to be resumed, inspected or promoted later is written to
+``<storage>/<name>/sweep.json`` next to Tune's experiment state, the Optuna study
+(``optuna.db`` unless a server URL is given) and a copy of the space file. Store URLs are
+kept there with their passwords masked (:mod:`orchestrator.entities.credentials`).
+
+Every request is checked (:mod:`orchestrator.stores.preflight`) before Ray starts or
+anything is recorded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import torch
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestrator.entities.credentials import mask, remember
+from orchestrator.entities.names import RECORD_FILE, STUDY_FILE, SWEEP_TAG
+from orchestrator.entities.space import SpaceSpec, grid_size, sweep_params
+from orchestrator.entities.sweep import DEFAULT_STORAGE, SweepRecord
+from orchestrator.stores import preflight
+from orchestrator.stores.study import open_study
+from orchestrator.stores.tracking.runs import ensure_experiment, resolve_tracking_uri
+from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
+from orchestrator.tuning.tuner import sweep_tuner
+from trainer.config import ConfigError
+from trainer.data import check_available
+
+__all__ = ["launch", "prepare"]
+
+
+def local_gpu_count() -> int:
+    return torch.cuda.device_count()
+
+
+def check_gpus(gpus: int, available: int, where: str) -> None:
+    if gpus > available:
+        raise ConfigError(f"--gpus is {gpus}, but {where} has {available} GPU(s)")
+
+
+def prepare(
+    spec: SpaceSpec,
+    *,
+    name: str,
+    storage_path: str | Path = DEFAULT_STORAGE,
+    tracking_uri: str | None = None,
+    study_storage: str | None = None,
+    gpus: int | None = None,
+    address: str | None = None,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+) -> SweepRecord:
+    """Check the request, then join or start Ray; raises ConfigError before Ray starts
+    (or, joining a cluster, before anything is recorded)."""
+    preflight.check_sweep_name(name)
+    storage = preflight.check_storage_dir(storage_path)
+    if (storage / name / RECORD_FILE).exists():
+        raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--num-samples is {num_samples}, but must be >= 1")
+    if num_samples and spec.search.sampler.kind == "grid" and num_samples > grid_size(spec):
+        raise ConfigError(f"--num-samples is {num_samples}, but the grid has {grid_size(spec)}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent is {max_concurrent}, but must be >= 1")
+    if gpus is not None and gpus < 0:
+        raise ConfigError(f"--gpus is {gpus}, but must be >= 0")
+    if address is None:  # on a cluster the data lives on the workers, not necessarily here
+        check_available(spec.base.dataset)
+        gpus = local_gpu_count() if gpus is None else gpus
+        check_gpus(gpus, local_gpu_count(), "this machine")
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    study_storage = study_storage or f"sqlite:///{storage / name / STUDY_FILE}"
+    preflight.check_tracking_uri(tracking_uri)
+    preflight.check_study_storage(study_storage)
+    preflight.check_new_sweep(tracking_uri, study_storage, name)
+    if address is None:
+        init_ray(num_gpus=gpus)
+    else:
+        address = check_ray_address(address)
+        join_ray(address)
+        available = int(ray.cluster_resources().get("GPU", 0))
+        gpus = available if gpus is None else gpus
+        check_gpus(gpus, available, f"the cluster at {address}")
+    remember(tracking_uri)
+    remember(study_storage)
+    return SweepRecord(
+        name=name,
+        storage_path=str(storage),
+        tracking_uri=tracking_uri,
+        experiment_id="",
+        parent_run_id="",
+        study_storage=study_storage,
+        gpus=gpus,
+        address=address,
+        max_concurrent=max_concurrent or spec.search.max_concurrent,
+        num_samples=num_samples or spec.search.num_samples,
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def launch(
+    spec: SpaceSpec, record: SweepRecord, callbacks: Sequence[tune.Callback] = ()
+) -> tune.ResultGrid:
+    """Create the study and the parent run, record the sweep, run it to the end."""
+    record.directory.mkdir(parents=True, exist_ok=True)
+    if record.tracking_uri.startswith("sqlite:///"):
+        preflight.sqlite_file(record.tracking_uri).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec.source, record.space_file)
+    open_study(spec, record.study_storage, record.name)
+    client = MlflowClient(record.tracking_uri)
+    experiment_id = ensure_experiment(client, record.name, record.tracking_uri)
+    parent = client.create_run(
+        experiment_id, run_name=record.name, tags={SWEEP_TAG: record.name}
+    ).info.run_id
+    settings = sweep_params(spec) | {
+        "sweep.num_samples": str(record.num_samples),
+        "sweep.gpus": str(record.gpus),
+        "sweep.address": str(record.address),
+        "sweep.max_concurrent": str(record.max_concurrent),
+        "sweep.tracking_uri": mask(record.tracking_uri),
+        "sweep.study_storage": mask(record.study_storage),
+    }
+    client.log_batch(parent, params=[Param(k, v) for k, v in settings.items()])
+    client.log_artifact(parent, str(record.space_file))
+    record = replace(record, experiment_id=experiment_id, parent_run_id=parent)
+    record.save()
+    return sweep_tuner(spec, record, callbacks).fit()

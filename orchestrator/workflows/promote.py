@@ -1,0 +1,130 @@
+"""Promote: a finished trial (the best, or one `--pick` names) -> final training job ->
+registered model alias `champion`.
+
+The final job re-runs the best trial's config on train+val (no validation split, so the
+engine evaluates on the test split: ``test/...`` metrics) with the full schedule, and is
+logged as a run in the sweep's experiment, linked to the sweep's parent run and to the
+trial's run by tags.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlflow
+import mlflow.pytorch
+import torch
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+from orchestrator.entities.names import (
+    PROMOTED_RUN_TAG,
+    PROMOTED_TRIAL_TAG,
+    SWEEP_RUN_TAG,
+    SWEEP_TAG,
+)
+from orchestrator.entities.space import decode_params
+from orchestrator.entities.sweep import SweepRecord
+from orchestrator.selection.pick import PickRule, parse_pick, pick_trial
+from orchestrator.stores.study import load_study
+from orchestrator.stores.tracking.runs import find_trial_run, flatten, now_ms
+from trainer import metrics as M
+from trainer.config import ConfigError, JobConfig, apply_overrides
+from trainer.engine import Job, build_job, fit, model_metrics, save_checkpoint
+
+__all__ = ["CHAMPION_ALIAS", "Promotion", "final_job_config", "promote"]
+
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    run_id: str
+    trial_number: int
+    metrics: dict[str, float]
+    model_name: str | None
+    model_version: str | None
+
+
+def final_job_config(
+    record: SweepRecord, epochs: int | None, rule: PickRule | None = None
+) -> tuple[JobConfig, int]:
+    """The job of the trial `rule` chooses (see :mod:`orchestrator.selection.pick`; the best
+    trial by default) on train+val with the full schedule, and the trial's number."""
+    spec = record.spec()
+    rule = rule or parse_pick("best", spec.search)
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs is {epochs}, but must be >= 1")
+    chosen = pick_trial(load_study(record), spec.search, rule)
+    job = spec.job_for(decode_params(spec, chosen.params))
+    final = {"dataset.val_fraction": 0.0, "train.epochs": epochs or spec.base.train.epochs}
+    return apply_overrides(job, final, source="promote"), chosen.number
+
+
+def promote(
+    record: SweepRecord,
+    cfg: JobConfig,
+    number: int,
+    *,
+    register: str | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> Promotion:
+    """Train the final job `cfg` (from :func:`final_job_config`, trial `number`), log it and
+    (with `register`) register it as `champion`."""
+    job = build_job(cfg)
+    client = MlflowClient(record.tracking_uri)
+    tags = {
+        MLFLOW_RUN_NAME: f"{record.name}-final",
+        SWEEP_TAG: record.name,
+        PROMOTED_TRIAL_TAG: str(number),
+        SWEEP_RUN_TAG: record.parent_run_id,
+    }
+    if (trial_run := find_trial_run(client, record.target, number)) is not None:
+        tags[PROMOTED_RUN_TAG] = trial_run.info.run_id
+    run_id = client.create_run(record.experiment_id, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flatten(cfg.to_dict()).items()])
+
+    def log_epoch(metrics: dict[str, float]) -> None:
+        step = int(metrics[M.EPOCH])
+        batch = [Metric(k, float(v), now_ms(), step) for k, v in metrics.items() if k != M.EPOCH]
+        client.log_batch(run_id, metrics=batch)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    try:
+        final = fit(job, on_epoch=log_epoch) | model_metrics(job)
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.log_batch(
+        run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in model_metrics(job).items()]
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(job, directory)
+        client.log_artifacts(run_id, directory, artifact_path="checkpoint")
+    version = _log_model(record, run_id, job, register)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return Promotion(run_id, number, final, register, version)
+
+
+def _log_model(record: SweepRecord, run_id: str, job: Job, register: str | None) -> str | None:
+    """Log the trained network as an MLflow PyTorch model; register it and set the alias."""
+    mlflow.set_tracking_uri(record.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            job.model.cpu().eval(),
+            name="model",
+            # The multi-exit forward returns a (logits, features) tuple, which MLflow's
+            # traced 'pt2' format cannot describe; the model loads with this package present.
+            serialization_format="pickle",
+            registered_model_name=register,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mate-orchestrator"],
+        )
+    if register is None:
+        return None
+    version = str(info.registered_model_version)
+    MlflowClient(record.tracking_uri).set_registered_model_alias(register, CHAMPION_ALIAS, version)
+    return version

@@ -1,0 +1,74 @@
+"""Resume an interrupted sweep where Tune's experiment state left it, or complete the MLflow
+record of a sweep whose trials have all finished."""
+
+from __future__ import annotations
+
+import json
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestrator.entities.names import REPORT_FILE, TRIAL_NUMBER
+from orchestrator.entities.sweep import SweepRecord
+from orchestrator.report.build import log_report_or_warn
+from orchestrator.selection.trials import is_finished
+from orchestrator.stores.preflight import check_stores
+from orchestrator.stores.study import load_study
+from orchestrator.stores.tracking.summary import flush_writer, open_writer, summarize_sweep
+from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
+from orchestrator.tuning.tuner import restore_tuner
+from trainer.config import ConfigError
+
+__all__ = ["complete_mlflow_record", "resume"]
+
+
+def check_resumable(record: SweepRecord) -> None:
+    """The sweep's stores answer and Tune's state is there; before Ray starts."""
+    check_stores(record)
+    if not tune.Tuner.can_restore(str(record.directory)):
+        raise ConfigError(
+            f"sweep {record.name!r} has no Tune state to resume in {record.directory}"
+        )
+
+
+def last_checkpoints(record: SweepRecord) -> dict[int, str]:
+    """Optuna trial number -> the last checkpoint directory its Tune trial left."""
+    found = {}
+    for trial_dir in record.directory.glob("trial_*"):
+        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+        if checkpoints and (trial_dir / "params.json").exists():
+            number = json.loads((trial_dir / "params.json").read_text())[TRIAL_NUMBER]
+            found[number] = str(checkpoints[-1])
+    return found
+
+
+def complete_mlflow_record(record: SweepRecord) -> None:
+    """Complete the MLflow record of a sweep whose trials have all finished (no Ray needed):
+    apply the writes a killed driver left in the journal and write what it died before:
+    the summary (the parent run is still RUNNING), the report (not among its artifacts)."""
+    flush_writer(open_writer(record.target), record.name)
+    client = MlflowClient(record.tracking_uri)
+    if client.get_run(record.parent_run_id).info.status == "RUNNING":
+        writer = open_writer(record.target)
+        metrics = record.spec().search.metrics
+        study = load_study(record)
+        summarize_sweep(writer, study, metrics, last_checkpoints(record), finished=True)
+        flush_writer(writer, record.name)
+    if REPORT_FILE not in {f.path for f in client.list_artifacts(record.parent_run_id)}:
+        log_report_or_warn(record)
+
+
+def resume(record: SweepRecord) -> tune.ResultGrid | None:
+    """Continue an interrupted sweep where Tune's experiment state left it (the callbacks
+    given at launch come back with it). A finished sweep only gets its MLflow record
+    completed (:func:`complete_mlflow_record`; returns None)."""
+    check_resumable(record)
+    if is_finished(load_study(record), record.num_samples):
+        complete_mlflow_record(record)
+        return None
+    spec = record.spec()
+    if record.address:
+        join_ray(check_ray_address(record.address))
+    else:
+        init_ray(num_gpus=record.gpus)
+    return restore_tuner(spec, record).fit()

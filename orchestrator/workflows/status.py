@@ -1,0 +1,79 @@
+"""Read a recorded sweep's state from its stores: what ``status`` and the end of ``launch``
+and ``resume`` show. Only reads; imports neither Ray nor MLflow nor torch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from orchestrator.entities.names import RECORD_FILE
+from orchestrator.entities.space import SpaceSpec
+from orchestrator.entities.sweep import SweepRecord
+from orchestrator.rendering.tables import best_summary, counts_text
+from orchestrator.selection.trials import is_finished, state_counts
+from orchestrator.stores.preflight import check_stores
+from orchestrator.stores.study import load_study
+from trainer.config import ConfigError
+
+__all__ = ["SweepStatus", "open_sweep", "sweep_rows", "sweep_status"]
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    """A recorded sweep with its space and its study as they are now."""
+
+    record: SweepRecord
+    spec: SpaceSpec
+    study: optuna.Study
+
+    @property
+    def finished(self) -> bool:
+        return is_finished(self.study, self.record.num_samples)
+
+    def summary(self) -> str:
+        """``4/8 trials (complete 3 running 1); best ...``."""
+        counts = counts_text(state_counts(self.study))
+        return (
+            f"{len(self.study.trials)}/{self.record.num_samples} trials ({counts}); "
+            f"{best_summary(self.study)}"
+        )
+
+
+def open_sweep(name: str, storage: str | Path, full_urls: Iterable[str | None]) -> SweepRecord:
+    """The recorded sweep `name` (`full_urls`: its store URLs with passwords, when its record
+    keeps them masked), once its stores have answered."""
+    record = SweepRecord.load(name, storage, full_urls)
+    check_stores(record)
+    return record
+
+
+def sweep_status(record: SweepRecord) -> SweepStatus:
+    return SweepStatus(record, record.spec(), load_study(record))
+
+
+def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> list[list[str]]:
+    """One row per sweep found under `storage`, in the columns of
+    :data:`orchestrator.rendering.tables.SWEEPS_COLUMNS`; a sweep whose record cannot be
+    read says why."""
+    rows = []
+    full_urls = list(full_urls)
+    for path in sorted(Path(storage).glob(f"*/{RECORD_FILE}")):
+        try:
+            record = SweepRecord.load(path.parent.name, storage, full_urls)
+        except ConfigError as err:
+            rows.append([path.parent.name, "-", "-", str(err), "-"])
+            continue
+        study = load_study(record)
+        rows.append(
+            [
+                record.name,
+                record.created,
+                f"{len(study.trials)}/{record.num_samples}",
+                counts_text(state_counts(study)),
+                best_summary(study),
+            ]
+        )
+    return rows
