@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from trainer.images import list_images, load_images
 __all__ = ["SOURCES", "check_available"]
 
 
+@dataclass(frozen=True)
 class _Source:
     """What a data set loader returns, on the CPU; load_splits carves val and moves it."""
 
