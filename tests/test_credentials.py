@@ -1,6 +1,15 @@
+import pickle
+
 import pytest
 
-from orchestrator.entities.credentials import has_secret, mask, remember, reveal
+from orchestrator.entities.credentials import (
+    MaskedWhenPickled,
+    has_secret,
+    mask,
+    remember,
+    reveal,
+)
+from orchestrator.entities.sweep import SweepTarget
 
 
 @pytest.mark.parametrize(
@@ -37,3 +46,26 @@ def test_reveal_finds_what_this_process_remembered():
     full = "postgresql://mate:s3cret@remembered/db"
     assert remember(full) == "postgresql://mate:***@remembered/db"
     assert reveal("postgresql://mate:***@remembered/db") == full
+
+
+class _Connected(MaskedWhenPickled):
+    _secret_fields = ("url", "target")
+    _fresh_fields = (("client", lambda: None), ("cache", dict))
+
+    def __init__(self, url: str, target: SweepTarget) -> None:
+        self.url, self.target = url, target
+        self.client, self.cache = object(), {"a": 1}
+
+
+def test_objects_tune_pickles_keep_no_password_and_no_live_client():
+    full = "postgresql://mate:pickled-secret@db/optuna"
+    target = SweepTarget("s", "/sweeps/s", full.replace("optuna", "mlflow"), "1", "run", full)
+    data = pickle.dumps(_Connected(full, target))
+    assert b"pickled-secret" not in data
+    restored = pickle.loads(data)
+    assert restored.url == mask(full)
+    assert restored.target == target.masked()
+    assert (restored.client, restored.cache) == (None, {})
+    remember(full)
+    remember(target.tracking_uri)
+    assert restored.target.revealed() == target
