@@ -14,7 +14,8 @@ from orchestrator.entities.space import (
     parse_space,
     sweep_params,
 )
-from orchestrator.stores.study import optuna_distributions
+from orchestrator.stores.study import make_sampler, optuna_distributions, suggest_params
+from orchestrator.tuning.searcher import OptunaSearcher
 from trainer.config import ConfigError, JobConfig
 
 SHIPPED = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
@@ -144,12 +145,13 @@ def test_job_for_rejects_invalid_combination():
 @pytest.mark.parametrize("path", [*SHIPPED, None], ids=[*(p.name for p in SHIPPED), "valid"])
 def test_sampled_configs_validate(path):
     spec = parse_space(VALID, "x.yaml") if path is None else load_space(path)
-    dists = optuna_distributions(spec)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
-        trial = study.ask(dists)
-        job = spec.job_for(decode_params(spec, trial.params))
-        for key, value in decode_params(spec, trial.params).items():
+        trial = study.ask()
+        params = decode_params(spec, suggest_params(spec, trial))
+        job = spec.job_for(params)
+        assert all(spec.space[key].applies(params) for key in params)
+        for key, value in params.items():
             section, _, name = key.partition(".")
             if not isinstance(value, dict):  # loss.dtd becomes a DTDConfig
                 assert getattr(getattr(job, section), name) == value
@@ -290,3 +292,105 @@ def test_space_spec_is_frozen():
     assert isinstance(spec, SpaceSpec)
     with pytest.raises(ValueError, match="frozen"):
         spec.source = "y.yaml"
+
+
+# A conditional space: each method searched over its own knobs.
+CONDITIONAL = {
+    **copy.deepcopy(VALID),
+    "space": {
+        "loss.kind": {"type": "categorical", "choices": ["mate", "byot", "dsn"]},
+        "loss.teacher_weights": {
+            "type": "categorical",
+            "choices": ["attention", "static"],
+            "when": {"loss.kind": "mate"},
+        },
+        "loss.temperature": {
+            "type": "float",
+            "low": 1.0,
+            "high": 8.0,
+            "when": {"loss.kind": ["mate", "byot"]},
+        },
+        "optim.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+    },
+}
+
+
+def test_conditional_parameters_are_sampled_only_where_their_condition_holds():
+    spec = parse_space(CONDITIONAL, "x.yaml")
+    assert spec.conditional and spec.sampling_order()[:2] == ["loss.kind", "optim.lr"]
+    study = optuna.create_study(sampler=make_sampler(spec))
+    kinds = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = decode_params(spec, suggest_params(spec, trial))
+        kind = params["loss.kind"]
+        kinds.add(kind)
+        assert ("loss.teacher_weights" in params) == (kind == "mate")
+        assert ("loss.temperature" in params) == (kind in ("mate", "byot"))
+        assert "optim.lr" in params
+        job = spec.job_for(params)
+        if kind == "dsn":
+            assert job.loss.temperature == 3.0  # the kind's default, not a sampled value
+        study.tell(trial, 0.5)
+    assert kinds == {"mate", "byot", "dsn"}
+    # TPE models the groups of parameters that occur together.
+    assert make_sampler(spec)._group
+
+
+def test_searcher_hands_tune_only_the_active_parameters(tmp_path):
+    spec = parse_space(CONDITIONAL, "x.yaml")
+    searcher = OptunaSearcher(spec, f"sqlite:///{tmp_path / 's.db'}", "cond", num_samples=12)
+    for index in range(12):
+        overrides = searcher.suggest(f"t{index}")["overrides"]
+        assert ("loss.teacher_weights" in overrides) == (overrides["loss.kind"] == "mate")
+    stored = searcher.study.get_trials(deepcopy=False)
+    assert {t.params.keys() == {"loss.kind", "optim.lr"} for t in stored} == {True, False}
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        (
+            {"loss.primary_weight": 0.5},
+            "`space.loss.temperature.when.loss.primary_weight` is 0.5, but "
+            "`loss.primary_weight` is not a searched key",
+        ),
+        (
+            {"loss.kind": "eed"},
+            "`space.loss.temperature.when.loss.kind` is 'eed', but must be among the choices "
+            "of `loss.kind`: ['mate', 'byot', 'dsn']",
+        ),
+        (
+            {"loss.kind": ["mate", "kd"]},
+            "`space.loss.temperature.when.loss.kind` is ['mate', 'kd'], but must be among the "
+            "choices of `loss.kind`: ['mate', 'byot', 'dsn']",
+        ),
+        (
+            {"optim.lr": 0.1},
+            "`space.loss.temperature.when.optim.lr` is 0.1, but `optim.lr` must be a "
+            "categorical key with scalar choices",
+        ),
+        (
+            {"loss.teacher_weights": "static"},
+            "`space.loss.temperature.when.loss.teacher_weights` is 'static', but "
+            "`loss.teacher_weights` is conditional itself; a condition names an unconditional key",
+        ),
+    ],
+)
+def test_space_refuses_conditions_that_cannot_hold(when, message):
+    data = copy.deepcopy(CONDITIONAL)
+    data["space"]["loss.temperature"]["when"] = when
+    with pytest.raises(ConfigError) as err:
+        parse_space(data, "x.yaml")
+    assert str(err.value) == f"x.yaml: {message}"
+
+
+def test_grid_search_refuses_conditional_parameters():
+    data = copy.deepcopy(CONDITIONAL)
+    data["search"]["sampler"] = {"kind": "grid"}
+    with pytest.raises(ConfigError) as err:
+        parse_space(data, "x.yaml")
+    assert str(err.value) == (
+        "x.yaml: `search.sampler.kind` is 'grid', but takes unconditional parameters only; "
+        "`space.loss.teacher_weights` has a condition"
+    )

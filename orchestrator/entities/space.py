@@ -5,11 +5,17 @@ A space file has three sections::
 
     base:   a job config (trainer/config.py): what every trial starts from
     search: metric, mode, num_samples, sampler, pruner, resources per trial, time budget
-    space:  dotted job-config key -> {type: float|int|categorical, low, high, log, step, choices}
+    space:  dotted job-config key -> {type: float|int|categorical, low, high, log, step, choices,
+                                      when}
+
+`when: {loss.kind: mate}` (or a list of values, `{loss.kind: [mate, byot]}`) makes a
+parameter conditional, as Optuna's define-by-run spaces allow: a trial samples it only
+where every condition holds, and otherwise keeps the base config's value.
 
 Everything is checked here, before any cluster starts: every bound and every choice must be
-a valid value for its key, and the metric must be one that every trial reports. Problems
-raise :class:`ConfigError` with one line naming the file and the dotted key.
+a valid value for its key, every condition must name a searched categorical key and values
+it can take, and the metric must be one that every trial reports. Problems raise
+:class:`ConfigError` with one line naming the file and the dotted key.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ _Number = Annotated[int | float, PlainValidator(_number)]
 
 def _is_scalar(choice: Any) -> bool:
     return choice is None or isinstance(choice, bool | int | float | str)
+
+
+def _accepted(value: Any) -> list[Any]:
+    """The values a `when` condition accepts: a list of them, or one."""
+    return value if isinstance(value, list) else [value]
 
 
 def encode_choice(choice: Any) -> Any:
@@ -180,6 +191,13 @@ class ParamSpec(_Strict):
     step: _Number | None = None
     # Scalars, or lists/dicts such as exit placements [2, 4, 6, 8] or a `loss.dtd` section.
     choices: list[Any] | None = None
+    # Searched categorical key -> the value (or list of values) it must have for this
+    # parameter to be sampled; None: always sampled.
+    when: dict[str, Any] | None = None
+
+    def applies(self, params: Mapping[str, Any]) -> bool:
+        """Whether a trial with the (decoded) `params` sampled so far samples this one."""
+        return all(params.get(key) in _accepted(value) for key, value in (self.when or {}).items())
 
     @model_validator(mode="after")
     def _check_rules(self) -> ParamSpec:
@@ -243,6 +261,16 @@ class SpaceSpec(_Strict):
         return space
 
     @property
+    def conditional(self) -> bool:
+        """Whether any parameter is sampled only under a condition."""
+        return any(p.when for p in self.space.values())
+
+    def sampling_order(self) -> list[str]:
+        """The searched keys, those without a condition first (a condition names only
+        unconditional keys, so theirs are sampled before it is read)."""
+        return sorted(self.space, key=lambda key: bool(self.space[key].when))
+
+    @property
     def max_epochs(self) -> int:
         """Epochs per trial: the pruner's budget, or the base config's schedule."""
         budget = self.search.pruner.max_epochs
@@ -297,6 +325,7 @@ def parse_space(data: Mapping[str, Any], source: str) -> SpaceSpec:
         raise ConfigError(f"{source}: {_describe(err)}") from None
     for key, param in spec.space.items():
         _check_param(spec, key, param)
+        _check_condition(spec, key, param)
     _check_search(spec)
     return spec
 
@@ -317,6 +346,26 @@ def _check_param(spec: SpaceSpec, key: str, param: ParamSpec) -> None:
         except ConfigError:
             rule = f"`{key}` takes whole numbers (use type: int)"
             raise _broken(spec.source, f"space.{key}.type", "float", rule) from None
+
+
+def _check_condition(spec: SpaceSpec, key: str, param: ParamSpec) -> None:
+    """A condition names a searched, unconditional, categorical key with scalar choices, and
+    values among them."""
+    for other, value in (param.when or {}).items():
+        where = f"space.{key}.when.{other}"
+        condition = spec.space.get(other)
+        if condition is None:
+            raise _broken(spec.source, where, value, f"`{other}` is not a searched key")
+        if other == key or condition.when:
+            rule = f"`{other}` is conditional itself; a condition names an unconditional key"
+            raise _broken(spec.source, where, value, rule)
+        if condition.type != "categorical" or not all(map(_is_scalar, condition.choices)):
+            rule = f"`{other}` must be a categorical key with scalar choices"
+            raise _broken(spec.source, where, value, rule)
+        for accepted in _accepted(value):
+            if not _is_scalar(accepted) or accepted not in condition.choices:
+                rule = f"must be among the choices of `{other}`: {condition.choices}"
+                raise _broken(spec.source, where, value, rule)
 
 
 def _fewest_exits(spec: SpaceSpec) -> int:
@@ -383,6 +432,10 @@ def grid_size(spec: SpaceSpec) -> int:
 
 def _check_grid(spec: SpaceSpec) -> None:
     """A grid search takes categorical parameters only, and at most one trial per point."""
+    conditional = [key for key, p in spec.space.items() if p.when]
+    if conditional:
+        rule = f"takes unconditional parameters only; `space.{conditional[0]}` has a condition"
+        raise _broken(spec.source, "search.sampler.kind", "grid", rule)
     ranged = [key for key, p in spec.space.items() if p.type != "categorical"]
     if ranged:
         kind = spec.space[ranged[0]].type

@@ -4,10 +4,11 @@ Optuna distributions of a search space."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import optuna
 
-from orchestrator.entities.space import SpaceSpec, encode_choice, pruner_note
+from orchestrator.entities.space import SpaceSpec, decode_params, encode_choice, pruner_note
 from orchestrator.entities.sweep import SweepRecord
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "make_sampler",
     "open_study",
     "optuna_distributions",
+    "suggest_params",
 ]
 
 
@@ -39,6 +41,26 @@ def optuna_distributions(spec: SpaceSpec) -> dict[str, optuna.distributions.Base
     return dists
 
 
+def suggest_params(spec: SpaceSpec, trial: optuna.Trial) -> dict[str, Any]:
+    """Sample a trial's parameters define-by-run: in :meth:`SpaceSpec.sampling_order`, each
+    one only where its `when` conditions hold on the values drawn before it. Returns the
+    Optuna params (list/dict choices still JSON)."""
+    dists = optuna_distributions(spec)
+    params: dict[str, Any] = {}
+    for key in spec.sampling_order():
+        if spec.space[key].applies(decode_params(spec, params)):
+            params[key] = _suggest(trial, key, dists[key])
+    return params
+
+
+def _suggest(trial: optuna.Trial, key: str, dist: optuna.distributions.BaseDistribution) -> Any:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(key, dist.choices)
+    if isinstance(dist, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(key, dist.low, dist.high, log=dist.log, step=dist.step)
+    return trial.suggest_int(key, dist.low, dist.high, log=dist.log, step=dist.step)
+
+
 def make_sampler(spec: SpaceSpec) -> optuna.samplers.BaseSampler:
     settings = spec.search.sampler
     if settings.kind == "random":
@@ -52,6 +74,9 @@ def make_sampler(spec: SpaceSpec) -> optuna.samplers.BaseSampler:
         seed=settings.seed,
         n_startup_trials=settings.n_startup_trials,
         multivariate=settings.multivariate,
+        # A conditional space: multivariate TPE models each group of parameters that occur
+        # together, rather than falling back to sampling them independently.
+        group=settings.multivariate and spec.conditional,
         constant_liar=settings.constant_liar,
     )
 

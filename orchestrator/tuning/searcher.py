@@ -33,7 +33,7 @@ from ray.tune.search import Searcher
 from orchestrator.entities.credentials import MaskedWhenPickled, reveal
 from orchestrator.entities.names import EPOCHS_ATTR, ERROR, RAY_TRIAL_ID, TRIAL_NUMBER
 from orchestrator.entities.space import SpaceSpec, decode_params
-from orchestrator.stores.study import open_study, optuna_distributions
+from orchestrator.stores.study import open_study, suggest_params
 from trainer import metrics as M
 from trainer.config import ConfigError
 from trainer.trainable import TRIAL_ERROR
@@ -102,10 +102,9 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
             return self._hand_out(trial_id, orphan.number, orphan._trial_id, overrides)
         if self.num_samples is not None and self._handed_out() >= self.num_samples:
             return Searcher.FINISHED
-        distributions = optuna_distributions(self.spec)
         for _ in range(_MAX_INVALID_ASKS):
-            trial = self.study.ask(distributions)
-            overrides = decode_params(self.spec, trial.params)
+            trial = self.study.ask()
+            overrides = decode_params(self.spec, suggest_params(self.spec, trial))
             try:
                 self.spec.job_for(overrides)
             except ConfigError as err:  # a combination no job config accepts
