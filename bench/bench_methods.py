@@ -17,6 +17,7 @@ The images were re-encoded as JPEG: accuracies differ a little from the pickled 
 
     .venv/bin/python bench/bench_methods.py            # 3 seeds, 10% subset, 8 epochs (~52 min)
     .venv/bin/python bench/bench_methods.py --quick    # 1 seed, dsn and mate, 2 epochs
+    .venv/bin/python bench/bench_methods.py --kinds dsn mate --seeds 2
 """
 
 from __future__ import annotations
@@ -120,11 +121,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, dsn and mate, 2 epochs")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-fraction", type=float, default=0.1)
     parser.add_argument("--val-fraction", type=float, default=0.02)
     args = parser.parse_args()
-    kinds, seeds = (["dsn", "mate"], [0]) if args.quick else (KINDS, list(range(args.seeds)))
+    kinds, seeds = (["dsn", "mate"], [0]) if args.quick else (args.kinds, list(range(args.seeds)))
     if args.quick:
         args.epochs, args.train_fraction = 2, 0.02
 

@@ -1,15 +1,19 @@
 """What happens to MATE's trainable teachers? Diversity and weights over 20 digits epochs.
 
-    python bench/bench_teachers.py [--epochs 20] [--seeds 3] [--teacher-lrs 0.05 1.0]
+    python bench/bench_teachers.py [--weights attention static] [--epochs 20] [--seeds 3]
 
-For each teacher support (all | deeper), initialisation (deeper | uniform; `--inits` can
-add next) and teacher learning rate, trains MATE on digits (convnet, exits [1, 2, 3, 4],
-SGD lr 0.05, cosine) and prints, as median [min, max] over the seeds: the teacher
-diversity (mean pairwise total-variation distance of the teachers' weights over the exits;
-0 = one ensemble in K copies) after epoch 1 and at the end, its lowest value on the way,
-teacher 1's weight on the final exit at the end, the spread of the teachers' validation
-accuracies and the final exit's accuracy at the end.
-The README's account of teacher collapse comes from this table.
+For each kind of teacher weights (`attention`: the weight network at MATE's defaults;
+`static`: trainable vectors with the earlier reconstruction's training, a teacher CE that
+reaches the exits, detached targets, exits' CE weighted 1 - lambda, no ramp-up), teacher
+support (all | deeper), initialisation (static only: deeper | uniform; `--inits` can add
+next) and teacher learning rate, trains MATE on digits (convnet, exits [1, 2, 3, 4], SGD lr
+0.05, cosine) and prints, as median [min, max] over the seeds: the teacher diversity (mean
+pairwise total-variation distance of the teachers' mean weights over the exits; 0 = one
+ensemble in K copies) after epoch 1 and at the end, its lowest value on the way, teacher
+1's mean weight on the final exit and how far a sample's weights stray from the mean
+(teacher 1's spread, 0 for static weights) at the end, the spread of the teachers'
+validation accuracies and the final exit's accuracy at the end.
+docs/losses.md's account of teacher collapse comes from this table.
 """
 
 from __future__ import annotations
@@ -24,13 +28,28 @@ from trainer import metrics as M
 from trainer.config import parse_job_config
 from trainer.engine import build_job, fit
 
+# The earlier reconstruction's training of static teacher vectors.
+STATIC = {
+    "teacher_weights": "static",
+    "teacher_ce": "exits",
+    "detach_targets": True,
+    "exit_ce_weight": "one_minus_kd",
+    "kd_weight": 0.5,
+    "kd_rampup": 0.0,
+}
 
-def run(support: str, init: str, teacher_lr: float, epochs: int, seed: int) -> dict[str, float]:
+
+def run(
+    weights: str, support: str, init: str, teacher_lr: float, epochs: int, seed: int
+) -> dict[str, float]:
+    loss = {"kind": "mate", "teacher_support": support, **(STATIC if weights == "static" else {})}
+    if weights == "static":
+        loss["teacher_init"] = init
     cfg = parse_job_config(
         {
             "dataset": {"name": "digits", "val_fraction": 0.2},
             "model": {"arch": "convnet", "exits": [1, 2, 3, 4]},
-            "loss": {"kind": "mate", "teacher_support": support, "teacher_init": init},
+            "loss": loss,
             "optim": {"lr": 0.05, "teacher_lr": teacher_lr},
             "train": {"epochs": epochs, "batch_size": 64, "seed": seed},
         }
@@ -44,6 +63,7 @@ def run(support: str, init: str, teacher_lr: float, epochs: int, seed: int) -> d
         "div@end": diversity[-1],
         "div min": min(diversity),
         "t1 on exit 4": final[M.teacher_weight(1, 4)],
+        "t1 spread": final[M.teacher_spread(1)],
         "acc spread": max(accs) - min(accs),
         "exit 4 acc": final[M.exit_acc(4)],
     }
@@ -57,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--weights", nargs="+", default=["attention", "static"])
     parser.add_argument("--teacher-lrs", type=float, nargs="+", default=[0.05, 1.0])
     parser.add_argument("--supports", nargs="+", default=["all", "deeper"])
     parser.add_argument("--inits", nargs="+", default=["deeper", "uniform"])
@@ -64,12 +85,27 @@ def main() -> None:
     print(versions("torch"))
     print(machine())
     print(f"digits, {args.epochs} epochs, seeds 0..{args.seeds - 1}: median [min, max]")
-    columns = ["div@1", "div@end", "div min", "t1 on exit 4", "acc spread", "exit 4 acc"]
-    print(f"{'support':<8}{'init':<9}{'t_lr':>6}  " + "".join(f"{c:>24}" for c in columns))
-    for support, init, teacher_lr in itertools.product(args.supports, args.inits, args.teacher_lrs):
-        rows = [run(support, init, teacher_lr, args.epochs, s) for s in range(args.seeds)]
-        cells = "".join(f"{summary([r[c] for r in rows]):>24}" for c in columns)
-        print(f"{support:<8}{init:<9}{teacher_lr:>6g}  {cells}", flush=True)
+    columns = [
+        "div@1",
+        "div@end",
+        "div min",
+        "t1 on exit 4",
+        "t1 spread",
+        "acc spread",
+        "exit 4 acc",
+    ]
+    header = f"{'weights':<10}{'support':<8}{'init':<9}{'t_lr':>6}  "
+    print(header + "".join(f"{c:>24}" for c in columns))
+    for weights, support, teacher_lr in itertools.product(
+        args.weights, args.supports, args.teacher_lrs
+    ):
+        for init in args.inits if weights == "static" else ["-"]:
+            rows = [
+                run(weights, support, init, teacher_lr, args.epochs, seed)
+                for seed in range(args.seeds)
+            ]
+            cells = "".join(f"{summary([r[c] for r in rows]):>24}" for c in columns)
+            print(f"{weights:<10}{support:<8}{init:<9}{teacher_lr:>6g}  {cells}", flush=True)
 
 
 if __name__ == "__main__":

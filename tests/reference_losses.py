@@ -5,10 +5,14 @@ and commit are named next to each function and next to the parity tests in
 tests/test_losses.py), one exit and one exit pair at a time, with the reductions those
 scripts use. `naive_mate_loss` is MATE written from docs/design.md §3 as loops over exit pairs; the
 tests check the batched implementation against it and bench/bench_loss.py times the two.
+`okddip_group_targets` and `consistency_rampup` transcribe the code MATE's weight network
+and ramp-up are grounded in (OKDDip, ONE).
 Not part of the library.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +22,11 @@ from trainer.config import DTDConfig, LossConfig
 __all__ = [
     "PhuongLampertReference",
     "byot_reference",
+    "consistency_rampup",
     "dlkd_correlation_reference",
     "eed_reference",
     "naive_mate_loss",
+    "okddip_group_targets",
     "textbrewer_temperature",
 ]
 
@@ -181,29 +187,86 @@ def naive_mate_loss(
     labels: torch.Tensor,
     teacher_logits: torch.Tensor,
     projections: torch.Tensor | None = None,
+    kd_rampup: float = 1.0,
 ) -> torch.Tensor:
-    """The MATE total loss, written as loops over exits and exit pairs."""
-    num_exits = logits.shape[0]
+    """The MATE total loss, written as loops over exits, teachers and samples.
+
+    teacher_logits: static a [K, K] or per-sample scores [B, K, K]."""
+    num_exits, batch = logits.shape[:2]
     z = [logits[k].float() for k in range(num_exits)]
-    a = teacher_logits.float()
-    if cfg.teacher_support == "deeper":  # teacher j mixes exits j..K only
-        a = torch.stack([torch.cat([a[j, :j] - torch.inf, a[j, j:]]) for j in range(num_exits)])
-    w = torch.softmax(a, dim=1)
-    teachers = [sum(w[j, k] * z[k] for k in range(num_exits)) for j in range(num_exits)]
+    scores = teacher_logits.float()
+    if scores.dim() == 2:
+        scores = scores.expand(batch, num_exits, num_exits)
+
+    def teacher(j: int, exits: list[torch.Tensor]) -> torch.Tensor:
+        rows = []
+        for i in range(batch):
+            a = scores[i, j]
+            if cfg.teacher_support == "deeper":  # teacher j mixes exits j..K only
+                a = torch.cat([a[:j] - torch.inf, a[j:]])
+            w = torch.softmax(a, dim=0)
+            rows.append(sum(w[k] * exits[k][i] for k in range(num_exits)))
+        return torch.stack(rows)
+
+    teachers = [teacher(j, z) for j in range(num_exits)]
     lam, mu = cfg.kd_weight, cfg.primary_weight
+    exit_ce_weight = 1.0 if cfg.exit_ce_weight == "one" else 1.0 - lam
 
     loss = torch.zeros((), device=logits.device)
     for k in range(num_exits):
-        loss = loss + (1.0 - lam) * F.cross_entropy(z[k], labels)
-    for j in range(num_exits):
-        loss = loss + F.cross_entropy(teachers[j], labels)
+        loss = loss + exit_ce_weight * F.cross_entropy(z[k], labels)
+    if cfg.teacher_ce != "none":
+        constants = [x.detach() for x in z]
+        for j in range(num_exits):
+            t_j = teachers[j] if cfg.teacher_ce == "exits" else teacher(j, constants)
+            loss = loss + F.cross_entropy(t_j, labels)
     for k in range(num_exits):
         for j in range(num_exits):
             weight = mu if j == k else (1.0 - mu) / (num_exits - 1)
-            loss = loss + lam * weight * _pair_kl(cfg, teachers[j].detach(), z[k], labels)
+            target = teachers[j].detach() if cfg.detach_targets else teachers[j]
+            loss = loss + lam * kd_rampup * weight * _pair_kl(cfg, target, z[k], labels)
     if cfg.correlation_weight > 0.0:
         for k in range(num_exits - 1):
             loss = loss + cfg.correlation_weight * dlkd_correlation_reference(
                 projections[k].float(), features[-1].float()
             )
     return loss
+
+
+# DefangChen/OKDDip, models/model_cifar/resnet_GL.py (ResNet.forward, `en=True`)
+# @ c6a05de892fc7d2b6767668548786688a388c2d6
+def okddip_group_targets(
+    pooled: list[torch.Tensor],
+    logits: list[torch.Tensor],
+    query_weight: torch.Tensor,
+    key_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OKDDip's peer targets: each branch's pooled feature [B, D] through the shared bias-free
+    query and key Linear(D, D // 8) (weights [P, D]); energy = bmm(q, k^T) over branches,
+    attention = softmax over its last axis; x_m = bmm(logits [B, C, N], attention^T).
+    Returns (attention [B, N, N], x_m [B, C, N]), built branch by branch with torch.cat as
+    their loop does."""
+    proj_q = proj_k = pro = None
+    for f, z in zip(pooled, logits, strict=True):
+        q = (f @ query_weight.T)[:, None, :]  # B x 1 x P
+        k = (f @ key_weight.T)[:, None, :]
+        column = z.unsqueeze(-1)  # B x C x 1
+        proj_q = q if proj_q is None else torch.cat([proj_q, q], 1)
+        proj_k = k if proj_k is None else torch.cat([proj_k, k], 1)
+        pro = column if pro is None else torch.cat([pro, column], -1)
+    energy = torch.bmm(proj_q, proj_k.permute(0, 2, 1))
+    attention = F.softmax(energy, dim=-1)
+    return attention, torch.bmm(pro, attention.permute(0, 2, 1))
+
+
+# Lan1991Xu/ONE_NeurIPS2018, utils/ramps.py `sigmoid_rampup`
+# @ 54afde30fe039c8bd66668f0d17944b451b8b189; DefangChen/OKDDip, train_GL.py
+# `get_current_consistency_weight` @ c6a05de892fc7d2b6767668548786688a388c2d6 (the same).
+def consistency_rampup(current: float, rampup_length: float) -> float:
+    """exp(-5 (1 - clip(current, 0, length) / length)^2); 1 for length 0. Both scripts call
+    it once per epoch with the 0-based epoch and length 80 (of 300 epochs)."""
+    if rampup_length == 0:
+        return 1.0
+    current = min(max(current, 0.0), rampup_length)
+    phase = 1.0 - current / rampup_length
+    return math.exp(-5.0 * phase * phase)

@@ -13,7 +13,7 @@ from trainer.config import (
 def test_parse_defaults_resolve_kind_dependent_values():
     cfg = parse_job_config({})
     assert cfg.loss.kind == "mate"
-    assert cfg.loss.kd_weight == 0.5
+    assert cfg.loss.kd_weight == 1.0  # OKDDip's weight, with the exits' CE weighted 1
     assert cfg.model.exits == [1, 2, 3, 4]
     assert parse_job_config({"loss": {"kind": "byot"}}).loss.kd_weight == 0.1
     assert parse_job_config({"model": {"arch": "resnet18"}}).model.exits == [2, 4, 6, 8]
@@ -43,7 +43,7 @@ def test_default_exits_close_each_quarter_and_end_with_the_last_block(arch, exit
         ({"kind": "eed"}, 1.0, 3.0, 1.0),
         ({"kind": "eed", "eed_output": "kl"}, 0.1, 3.0, 1.0),
         ({"kind": "phuong_lampert"}, 0.5, 1.0, 0.0),
-        ({"kind": "mate"}, 0.5, 3.0, 0.0),
+        ({"kind": "mate"}, 1.0, 3.0, 0.0),
     ],
 )
 def test_parse_resolves_each_kinds_reference_defaults(loss, kd_weight, temperature, feature_weight):
@@ -60,13 +60,43 @@ def test_overrides_re_resolve_kind_defaults_but_keep_explicit_values():
 
 def test_kd_weight_above_one_only_where_no_ce_weight_turns_negative():
     assert parse_job_config({"loss": {"kind": "eed", "kd_weight": 5.0}}).loss.kd_weight == 5.0
-    for kind in ("mate", "byot", "phuong_lampert"):
+    for kind in ("byot", "phuong_lampert"):
         with pytest.raises(ConfigError, match="CE weight is 1 - kd_weight") as err:
             parse_job_config({"loss": {"kind": kind, "kd_weight": 1.5}}, source="job.yaml")
         assert str(err.value) == (
             f"job.yaml: `loss.kd_weight` is 1.5, but must be <= 1 for {kind}, "
             "whose CE weight is 1 - kd_weight"
         )
+    # MATE: only where its exits' CE is weighted 1 - lambda.
+    assert parse_job_config({"loss": {"kind": "mate", "kd_weight": 1.5}}).loss.kd_weight == 1.5
+    with pytest.raises(ConfigError) as err:
+        loss = {"kind": "mate", "kd_weight": 1.5, "exit_ce_weight": "one_minus_kd"}
+        parse_job_config({"loss": loss}, source="job.yaml")
+    assert str(err.value) == (
+        "job.yaml: `loss.kd_weight` is 1.5, but must be <= 1 with `loss.exit_ce_weight: "
+        "one_minus_kd` (the exits' CE weight is 1 - kd_weight)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss", "why"),
+    [
+        ({"detach_targets": True}, "`loss.detach_targets` is true"),
+        ({"kd_weight": 0.0}, "`loss.kd_weight` is 0"),
+        ({"teacher_weights": "static", "detach_targets": True}, "`loss.detach_targets` is true"),
+    ],
+)
+def test_mate_refuses_teacher_weights_without_gradient(loss, why):
+    with pytest.raises(ConfigError) as err:
+        parse_job_config({"loss": {"kind": "mate", **loss}}, source="job.yaml")
+    assert str(err.value) == (
+        f"job.yaml: `loss.teacher_ce` is 'none' and {why}, so MATE's teacher weights would "
+        "get no gradient; set `loss.teacher_ce` to 'weights' or 'exits'"
+    )
+    # Either path gives the weights a gradient.
+    for teacher_ce in ("weights", "exits"):
+        parse_job_config({"loss": {"kind": "mate", **loss, "teacher_ce": teacher_ce}})
+    parse_job_config({"loss": {"kind": "dsn", **loss}})  # only MATE has teacher weights
 
 
 def test_parse_round_trips_through_dict():
@@ -142,4 +172,4 @@ def test_apply_overrides_rejects_unknown_key(key):
 
 def test_apply_overrides_rejects_out_of_range_value():
     with pytest.raises(ConfigError, match="`loss.kd_weight` is 2"):
-        apply_overrides(JobConfig(), {"loss.kd_weight": 2})
+        apply_overrides(JobConfig(), {"loss.kind": "byot", "loss.kd_weight": 2})

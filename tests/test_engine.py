@@ -17,25 +17,36 @@ from trainer.engine import (
 from trainer.losses import init_teacher_logits
 
 
-def digits_job(loss=None, **train):
+def digits_job(loss=None, optim=None, **train):
     return parse_job_config(
         {
             "dataset": {"name": "digits", "val_fraction": 0.2},
             "model": {"arch": "convnet", "exits": [1, 2, 3, 4]},
             "loss": {"kind": "mate", "temperature": 3.0, "kd_weight": 0.5, **(loss or {})},
-            "optim": {"lr": 0.05, "weight_decay": 5e-4},
+            "optim": {"lr": 0.05, "weight_decay": 5e-4, **(optim or {})},
             "train": {"batch_size": 64, "seed": 0, **train},
         }
     )
 
 
+# MATE's earlier reconstruction: static teacher vectors trained only through sum_j CE(t_j).
+STATIC_ONE_LIKE = {
+    "teacher_weights": "static",
+    "teacher_ce": "exits",
+    "detach_targets": True,
+    "exit_ce_weight": "one_minus_kd",
+    "kd_rampup": 0.0,
+}
+
+
 @pytest.mark.parametrize("support", ["all", "deeper"])
-def test_fit_mate_on_digits_learns_and_reports_its_teachers(support):
+def test_fit_mate_static_on_digits_learns_and_reports_its_teachers(support):
     # Teachers start identical (uniform init) and train only through sum_j CE(t_j): with
     # support "all" every a_j gets the same gradient, so they stay one ensemble (diversity 0
     # every epoch: MATE collapses to a single ensemble teacher); "deeper" gives each teacher
     # its own exits j..K, and they stay apart.
-    job = build_job(digits_job({"teacher_init": "uniform", "teacher_support": support}, epochs=20))
+    loss = {**STATIC_ONE_LIKE, "teacher_init": "uniform", "teacher_support": support}
+    job = build_job(digits_job(loss, epochs=20))
     history = []
     final = fit(job, on_epoch=history.append)
     assert final[M.exit_acc(4)] >= 0.90
@@ -59,6 +70,46 @@ def test_fit_mate_on_digits_learns_and_reports_its_teachers(support):
     else:
         assert min(diversity) > 0.25
         assert not weights.tril(diagonal=-1).any()  # no teacher uses a shallower exit
+    assert all(final[M.teacher_spread(j)] == 0.0 for j in range(1, 5))  # one vector for all
+
+
+def test_fit_mate_attention_learns_per_sample_teachers_that_cost_no_inference_flops():
+    # The defaults: the weight network, OKDDip's combination, the ramp-up.
+    job = build_job(digits_job({"kd_weight": None}, epochs=6))
+    network = job.model.weight_network
+    assert job.teacher_logits is None and network is not None
+    assert job.cfg.loss.kd_weight == 1.0 and job.cfg.loss.teacher_ce == "none"
+    start = [p.detach().clone() for p in network.parameters()]
+    history = []
+    final = fit(job, on_epoch=history.append)
+    assert final[M.exit_acc(4)] >= 0.90
+    for k in range(1, 5):
+        assert final[M.exit_acc(k)] >= 0.5, f"exit {k} barely beats chance (0.1)"
+        assert final[M.teacher_acc(k)] >= 0.85
+    assert set(M.epoch_metric_names(4, "mate")) <= set(final)
+    weights = torch.tensor(
+        [[final[M.teacher_weight(j, k)] for k in range(1, 5)] for j in range(1, 5)]
+    )
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    # Trained through the attached KL targets, and per sample: the weights vary across images.
+    assert any(not torch.equal(a, b) for a, b in zip(start, network.parameters(), strict=True))
+    assert all(0.0 < final[M.teacher_spread(j)] < 1.0 for j in range(1, 5))
+    assert all(0.0 <= m[M.TEACHER_DIVERSITY] <= 1.0 for m in history)
+    # The weight network serves training only: inference cost is that of the plain network.
+    plain = build_job(digits_job({"kind": "dsn"}, epochs=1))
+    assert plain.model.weight_network is None
+    assert job.gflops == plain.gflops
+
+
+def test_mate_attention_weights_follow_teacher_lr_and_weight_decay():
+    job = build_job(digits_job({"kd_weight": None}, epochs=1))
+    groups = job.optimizer.param_groups
+    attention = {id(p) for p in job.model.weight_network.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == attention
+    assert not attention & {id(p) for p in groups[0]["params"]}
+    assert groups[1]["weight_decay"] == groups[0]["weight_decay"] == 5e-4  # as OKDDip
+    fast = build_job(digits_job({"kd_weight": None}, {"teacher_lr": 1.0}, epochs=1))
+    assert fast.optimizer.param_groups[1]["lr"] == 1.0
 
 
 def test_fit_reports_each_epoch_in_order():
@@ -74,7 +125,8 @@ class _Stop(Exception):
 @pytest.mark.parametrize(
     ("loss", "epochs", "stop"),
     [
-        ({}, 8, 5),  # MATE: teacher weights in the checkpoint
+        ({}, 8, 5),  # MATE: the attention weight network and the ramp-up across the stop
+        (STATIC_ONE_LIKE, 4, 2),  # MATE's static teacher weights in the checkpoint
         # Phuong-Lampert's annealed temperature and the projection heads in the checkpoint
         ({"kind": "phuong_lampert", "temperature": None, "correlation_weight": 1.0}, 4, 2),
     ],

@@ -17,22 +17,27 @@ import torch
 from reference_losses import (
     PhuongLampertReference,
     byot_reference,
+    consistency_rampup,
     dlkd_correlation_reference,
     eed_reference,
     naive_mate_loss,
+    okddip_group_targets,
 )
-from trainer.config import DTDConfig, LossConfig, ModelConfig
+from trainer.config import DEFAULT_KD_RAMPUP, DTDConfig, LossConfig, ModelConfig
 from trainer.losses import (
     annealed_temperature,
     correlation_loss,
     dynamic_temperature,
     ensemble_teachers,
     init_teacher_logits,
+    mix_exits,
     multi_exit_loss,
+    rampup,
     soft_targets,
     teacher_weights,
 )
 from trainer.models import create_model
+from trainer.models.heads import TeacherAttention
 
 # ---------------------------------------------------------------------------------------------
 # Hand-computation helpers on python lists
@@ -115,15 +120,18 @@ def _loss_and_grads(loss_fn, *inputs: torch.Tensor, **kwargs):
     return value.detach(), grads
 
 
-def _assert_same(ours, reference) -> None:
-    """Values and gradients agree to 1e-5 relative (a missing gradient counts as zero)."""
+def _assert_same(ours, reference, grad_slack: float = 0.0) -> None:
+    """Values and gradients agree to 1e-5 relative (a missing gradient counts as zero);
+    gradient entries near zero get `grad_slack` times the gradient's largest entry as
+    absolute slack (at least 1e-7)."""
     (value, grads), (ref_value, ref_grads) = ours, reference
     torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         if ref_grad is None:
             assert grad is None or not grad.any()
         else:
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+            atol = max(1e-7, grad_slack * ref_grad.abs().max().item())
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +214,13 @@ def test_multi_exit_loss_phuong_lampert_matches_hand_computation():
     assert out.total.item() == pytest.approx(expected, rel=1e-6)
 
 
+# The earlier reconstruction: teacher CE reaching the exits, detached targets, CE 1 - lambda.
+ONE_LIKE = {"teacher_ce": "exits", "detach_targets": True, "exit_ce_weight": "one_minus_kd"}
+
+
 def test_multi_exit_loss_mate_matches_hand_computation():
     lam, mu, t = 0.5, 0.7, 3.0
-    cfg = LossConfig(kind="mate", temperature=t, primary_weight=mu)
+    cfg = LossConfig(kind="mate", temperature=t, primary_weight=mu, kd_weight=lam, **ONE_LIKE)
     a = [[0.0, 1.0], [0.5, -0.5]]
     w = [_softmax(row) for row in a]
     teachers = [[_mix(w[j], [Z1[i], Z2[i]]) for i in range(2)] for j in range(2)]  # [J][B]
@@ -227,7 +239,7 @@ def test_multi_exit_loss_mate_matches_hand_computation():
 def test_multi_exit_loss_mate_primary_weight_one_keeps_only_primary_teachers():
     # K=3 with mu=1: the KL part is sum_k KL_T(t_k || z_k) only.
     lam, t = 0.5, 3.0
-    cfg = LossConfig(kind="mate", temperature=t, primary_weight=1.0)
+    cfg = LossConfig(kind="mate", temperature=t, primary_weight=1.0, kd_weight=lam, **ONE_LIKE)
     z3 = [[0.0, 1.0, 0.0], [1.0, 0.0, -0.5]]
     exits = [Z1, Z2, z3]
     a = [[0.3, -0.2, 0.1], [0.0, 0.5, 1.0], [-1.0, 0.0, 2.0]]
@@ -240,6 +252,40 @@ def test_multi_exit_loss_mate_primary_weight_one_keeps_only_primary_teachers():
     features = torch.zeros(3, 2, 4)
     out = multi_exit_loss(cfg, logits, features, torch.tensor(Y), teacher_logits=torch.tensor(a))
     assert out.total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_exit_loss_mate_defaults_match_hand_computation():
+    # OKDDip's combination: exits' CE weighted 1, no CE on the teachers, lambda = 1, and the
+    # distillation weight scaled by this epoch's ramp-up factor.
+    mu, t, ramp = 0.7, 3.0, 0.25
+    cfg = LossConfig(kind="mate", primary_weight=mu)
+    assert (cfg.kd_weight, cfg.temperature, cfg.teacher_ce, cfg.exit_ce_weight) == (
+        1.0,
+        t,
+        "none",
+        "one",
+    )
+    a = [[0.0, 1.0], [0.5, -0.5]]
+    w = [_softmax(row) for row in a]
+    teachers = [[_mix(w[j], [Z1[i], Z2[i]]) for i in range(2)] for j in range(2)]
+    exits = [Z1, Z2]
+    kd = 0.0
+    for k in range(2):
+        kd += mu * _mean([_kl_t(teachers[k][i], exits[k][i], t) for i in range(2)])
+        kd += (1 - mu) * _mean([_kl_t(teachers[1 - k][i], exits[k][i], t) for i in range(2)])
+    expected = _sum_ce(Z1, Z2) + ramp * kd
+    out = multi_exit_loss(cfg, *_inputs(), teacher_logits=torch.tensor(a), kd_rampup=ramp)
+    assert out.total.item() == pytest.approx(expected, rel=1e-6)
+    # Per-sample scores: sample 1 uses the other row order; each sample mixes with its own.
+    per_sample = torch.tensor([a, a[::-1]])
+    w2 = [w, w[::-1]]
+    teachers = [[_mix(w2[i][j], [Z1[i], Z2[i]]) for i in range(2)] for j in range(2)]
+    kd = 0.0
+    for k in range(2):
+        kd += mu * _mean([_kl_t(teachers[k][i], exits[k][i], t) for i in range(2)])
+        kd += (1 - mu) * _mean([_kl_t(teachers[1 - k][i], exits[k][i], t) for i in range(2)])
+    out = multi_exit_loss(cfg, *_inputs(), teacher_logits=per_sample, kd_rampup=ramp)
+    assert out.total.item() == pytest.approx(_sum_ce(Z1, Z2) + ramp * kd, rel=1e-6)
 
 
 def test_multi_exit_loss_phuong_lampert_with_dtd_and_lsr_matches_hand_computation():
@@ -367,14 +413,33 @@ def test_correlation_matches_dlkd_reference_values_and_gradients():
 # (airaria/TextBrewer, src/textbrewer/schedulers.py @ d41c255fced4d7a995ae90d5aca5a8ab4073787c),
 # the knowledge adjustments as "Preparing Lessons" describes them, and DLKD's CorrLoss.
 @pytest.mark.parametrize(
-    ("num_exits", "dtd", "adjust", "support"),
+    ("num_exits", "dtd", "adjust", "support", "knobs", "per_sample"),
     [
-        *itertools.product([1, 2, 4], [None, "cwsm", "flsw"], ["none", "lsr", "ps"], ["all"]),
-        (4, None, "ps", "deeper"),
-        (4, "flsw", "lsr", "deeper"),
+        *itertools.product(
+            [1, 2, 4], [None, "cwsm", "flsw"], ["none", "lsr", "ps"], ["all"], [ONE_LIKE], [False]
+        ),
+        (4, None, "ps", "deeper", ONE_LIKE, False),
+        (4, "flsw", "lsr", "deeper", ONE_LIKE, False),
+        *(
+            (4, *modifiers, knobs, per_sample)
+            for modifiers in [
+                (None, "none", "all"),
+                ("flsw", "ps", "deeper"),
+                ("cwsm", "lsr", "all"),
+            ]
+            for knobs in [
+                {},  # the defaults: OKDDip's combination
+                {"teacher_ce": "weights", "detach_targets": True},
+                {"teacher_ce": "weights", "exit_ce_weight": "one_minus_kd", "kd_weight": 0.4},
+                {"teacher_ce": "exits", "kd_weight": 2.0},
+            ]
+            for per_sample in [False, True]
+        ),
     ],
 )
-def test_multi_exit_loss_mate_matches_naive_pairwise_reference(num_exits, dtd, adjust, support):
+def test_multi_exit_loss_mate_matches_naive_pairwise_reference(
+    num_exits, dtd, adjust, support, knobs, per_sample
+):
     cfg = LossConfig(
         kind="mate",
         primary_weight=0.6,
@@ -382,18 +447,25 @@ def test_multi_exit_loss_mate_matches_naive_pairwise_reference(num_exits, dtd, a
         dtd=None if dtd is None else DTDConfig(t0=3.0, beta=1.5, weighting=dtd, gamma=2.0),
         teacher_adjust=adjust,
         correlation_weight=0.3,
+        **knobs,
     )
     logits, features, labels, a, projections = _random_inputs(num_exits, seed=num_exits)
     teachers = torch.einsum("jk,kbc->jbc", torch.softmax(a, dim=1), logits)
     right = teachers.argmax(-1) == labels
     assert right.any() and not right.all()  # the fixture exercises both adjustment branches
+    if per_sample:  # the weight network's scores: the static ones, perturbed per sample
+        g = torch.Generator().manual_seed(7)
+        a = a + 0.5 * torch.randn(labels.shape[0], num_exits, num_exits, generator=g)
     inputs = (logits, features, labels, a, projections if num_exits > 1 else None)
 
     def batched(z, f, y, w, proj):
-        return multi_exit_loss(cfg, z, f, y, w, projections=proj)
+        return multi_exit_loss(cfg, z, f, y, w, projections=proj, kd_rampup=0.3)
 
     ours = _loss_and_grads(batched, *inputs)
-    _assert_same(ours, _loss_and_grads(lambda *x: naive_mate_loss(cfg, *x), *inputs))
+    reference = _loss_and_grads(lambda *x: naive_mate_loss(cfg, *x, kd_rampup=0.3), *inputs)
+    # Attached targets add paths through each teacher's softmax; against a float64 run of the
+    # reference, ours and the float32 reference both err by ~1e-5 of the largest gradient.
+    _assert_same(ours, reference, grad_slack=0.0 if cfg.detach_targets else 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,11 +473,12 @@ def test_multi_exit_loss_mate_matches_naive_pairwise_reference(num_exits, dtd, a
 # ---------------------------------------------------------------------------------------------
 
 
-def test_multi_exit_loss_mate_gradients_reach_teacher_weights_and_every_exit():
+@pytest.mark.parametrize("knobs", [{}, ONE_LIKE, {"teacher_ce": "weights"}])
+def test_multi_exit_loss_mate_gradients_reach_teacher_weights_and_every_exit(knobs):
     logits, features, labels, _, _ = _random_inputs(4)
     logits.requires_grad_(True)
     a = init_teacher_logits(4, "deeper").requires_grad_(True)
-    multi_exit_loss(LossConfig(kind="mate"), logits, features, labels, a).total.backward()
+    multi_exit_loss(LossConfig(kind="mate", **knobs), logits, features, labels, a).total.backward()
     assert a.grad is not None and a.grad.abs().sum() > 0
     assert (logits.grad.flatten(1).abs().sum(dim=1) > 0).all()
 
@@ -413,12 +486,31 @@ def test_multi_exit_loss_mate_gradients_reach_teacher_weights_and_every_exit():
 def test_multi_exit_loss_mate_teacher_weights_learn_only_from_teacher_ce():
     # Teachers are detached inside the KL terms: a_j's gradient is that of sum_j CE(t_j).
     logits, features, labels, a, _ = _random_inputs(3)
+    cfg = LossConfig(kind="mate", **ONE_LIKE)
     a1 = a.clone().requires_grad_(True)
-    multi_exit_loss(LossConfig(kind="mate"), logits, features, labels, a1).total.backward()
+    multi_exit_loss(cfg, logits, features, labels, a1).total.backward()
     a2 = a.clone().requires_grad_(True)
     teachers = torch.einsum("jk,kbc->jbc", torch.softmax(a2, dim=1), logits)
     sum(torch.nn.functional.cross_entropy(t, labels) for t in teachers).backward()
     torch.testing.assert_close(a1.grad, a2.grad)
+
+
+def test_multi_exit_loss_mate_teacher_ce_on_weights_does_not_reach_the_exits():
+    # teacher_ce "weights" and "exits" give the weights the same gradient; the exits differ
+    # exactly by the gradient of sum_j CE(t_j) with respect to the exit logits.
+    logits, features, labels, a, _ = _random_inputs(3)
+    grads = {}
+    for where in ("weights", "exits"):
+        z = logits.clone().requires_grad_(True)
+        scores = a.clone().requires_grad_(True)
+        cfg = LossConfig(kind="mate", teacher_ce=where, detach_targets=True)
+        multi_exit_loss(cfg, z, features, labels, scores).total.backward()
+        grads[where] = (z.grad, scores.grad)
+    z = logits.clone().requires_grad_(True)
+    teachers = torch.einsum("jk,kbc->jbc", torch.softmax(a, dim=1), z)
+    sum(torch.nn.functional.cross_entropy(t, labels) for t in teachers).backward()
+    torch.testing.assert_close(grads["weights"][1], grads["exits"][1])
+    torch.testing.assert_close(grads["exits"][0] - grads["weights"][0], z.grad)
 
 
 def test_multi_exit_loss_mate_deeper_support_ignores_shallower_exits():
@@ -679,3 +771,67 @@ def test_init_teacher_logits_single_exit():
 def test_init_teacher_logits_rejects_unknown_mode():
     with pytest.raises(ValueError, match="teacher_init is 'deepest'"):
         init_teacher_logits(3, "deepest")
+
+
+# ---------------------------------------------------------------------------------------------
+# MATE's weight network and ramp-up against the code they are grounded in
+# ---------------------------------------------------------------------------------------------
+
+
+# DefangChen/OKDDip, models/model_cifar/resnet_GL.py @ c6a05de892fc7d2b6767668548786688a388c2d6
+def test_teacher_attention_matches_okddip_group_targets():
+    num_exits, batch, dim, classes = 4, 6, 64, 10
+    network = TeacherAttention(dim)
+    assert network.query.weight.shape == (dim // 8, dim) and network.query.bias is None
+    assert network.key.weight.shape == (dim // 8, dim) and network.key.bias is None
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(num_exits, batch, dim, generator=g)
+    logits = 3.0 * torch.randn(num_exits, batch, classes, generator=g)
+    query, key = (0.3 * torch.randn(dim // 8, dim, generator=g) for _ in range(2))
+    # Upstream gradients on both outputs, so every input's gradient is exercised.
+    up_weights = torch.randn(batch, num_exits, num_exits, generator=g)
+    up_teachers = torch.randn(num_exits, batch, classes, generator=g)
+
+    def ours(f, z, wq, wk):
+        params = {"query.weight": wq, "key.weight": wk}
+        scores = torch.func.functional_call(network, params, (f,))  # [B, J, K]
+        weights = teacher_weights(scores)
+        return weights, mix_exits(weights, z)  # [B, J, K], [J, B, C]
+
+    def okddip(f, z, wq, wk):
+        attention, x_m = okddip_group_targets(list(f), list(z), wq, wk)
+        return attention, x_m.permute(2, 0, 1)  # x_m [B, C, N] -> [J, B, C]
+
+    results = []
+    for fn in (ours, okddip):
+        leaves = [x.clone().requires_grad_(True) for x in (features, logits, query, key)]
+        weights, teachers = fn(*leaves)
+        ((weights * up_weights).sum() + (teachers * up_teachers).sum()).backward()
+        results.append((weights.detach(), teachers.detach(), [x.grad for x in leaves]))
+    (w, t, grads), (ref_w, ref_t, ref_grads) = results
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t, ref_t, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(w[0], w[1])  # per-sample weights, not one vector for the batch
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        atol = 1e-5 * ref_grad.abs().max().item()
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=atol)
+
+
+# Lan1991Xu/ONE_NeurIPS2018 utils/ramps.py @ 54afde30fe039c8bd66668f0d17944b451b8b189 and
+# DefangChen/OKDDip train_GL.py @ c6a05de892fc7d2b6767668548786688a388c2d6: length 80 of 300.
+@pytest.mark.parametrize(
+    ("epochs", "fraction"), [(300, DEFAULT_KD_RAMPUP), (8, 0.3), (200, 0.5), (10, 0.0)]
+)
+def test_rampup_matches_one_and_okddip(epochs, fraction):
+    for epoch in range(epochs):
+        expected = consistency_rampup(epoch, fraction * epochs)
+        assert rampup(epoch, epochs, fraction) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    if fraction:
+        assert rampup(0, epochs, fraction) == pytest.approx(math.exp(-5.0))
+    assert rampup(epochs - 1, epochs, fraction) == 1.0
+
+
+def test_default_rampup_covers_the_reference_80_of_300_epochs():
+    for epoch in (0, 1, 40, 79, 80, 150):
+        expected = consistency_rampup(epoch, 80)
+        assert rampup(epoch, 300, DEFAULT_KD_RAMPUP) == pytest.approx(expected, rel=1e-12)

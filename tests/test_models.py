@@ -264,3 +264,23 @@ def test_projection_heads_run_in_training_only_and_cost_no_anytime_flops() -> No
     assert any(key.startswith("projectors.2.") for key in model.state_dict())  # checkpointed
     assert model.eval()(_batch("convnet")).projections is None
     assert exit_gflops(model, INPUT["convnet"]) == exit_gflops(plain, INPUT["convnet"])
+
+
+def test_weight_network_scores_every_teacher_per_sample_in_training_only() -> None:
+    c, h, _ = INPUT["convnet"]
+    cfg = ModelConfig(arch="convnet")
+    plain = create_model(cfg, num_classes=NUM_CLASSES, in_channels=c, image_size=h)
+    model = create_model(
+        cfg, num_classes=NUM_CLASSES, in_channels=c, image_size=h, weight_network=True
+    )
+    out = model(_batch("convnet", batch=4))
+    assert out.teacher_scores.shape == (4, 4, 4)  # [B, J, K]
+    q = model.weight_network.query(out.features)  # [K, B, 8]
+    k = model.weight_network.key(out.features)
+    torch.testing.assert_close(out.teacher_scores[2, 1, 3], q[1, 2] @ k[3, 2])  # q_j . k_k
+    out.teacher_scores.square().sum().backward()
+    for name, param in model.weight_network.named_parameters():
+        assert param.grad is not None and param.grad.any(), name
+    assert {"weight_network.query.weight", "weight_network.key.weight"} <= set(model.state_dict())
+    assert model.eval()(_batch("convnet")).teacher_scores is None
+    assert exit_gflops(model, INPUT["convnet"]) == exit_gflops(plain, INPUT["convnet"])

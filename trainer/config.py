@@ -57,7 +57,7 @@ BLOCKS_PER_ARCH: dict[str, int] = {
 # Each kind's defaults when `loss.kd_weight`, `loss.temperature` or `loss.feature_weight` is
 # not given: the reference code's values (README, "Losses"); mate is a reconstruction.
 DEFAULT_KD_WEIGHT: dict[str, float] = {
-    "mate": 0.5,  # lambda
+    "mate": 1.0,  # lambda: OKDDip train_GL.py --alpha 1.0 (with the exits' CE weighted 1)
     "byot": 0.1,  # alpha, pytorch-be-your-own-teacher train.py --alpha
     "eed": 1.0,  # MSE output term (Exit-Ensemble-Distillation train.py); 0.1 with eed_output: kl
     "phuong_lampert": 0.5,  # C, multiexit-distillation train_cifar.py
@@ -75,8 +75,12 @@ DEFAULT_FEATURE_WEIGHT: dict[str, float] = {
     "byot": 1e-6,  # train.py --beta
     "eed": 1.0,  # train.py: L_F enters the total with weight 1
 }
-# Kinds whose loss has a (1 - kd_weight) CE term, so kd_weight > 1 would make it negative.
-_CONVEX_KINDS = ("mate", "byot", "phuong_lampert")
+# Kinds whose loss has a (1 - kd_weight) CE term, so kd_weight > 1 would make it negative
+# (mate only with `exit_ce_weight: one_minus_kd`).
+_CONVEX_KINDS = ("byot", "phuong_lampert")
+# MATE's distillation ramp-up, as a fraction of the epochs: OKDDip (train_GL.py --length 80)
+# and ONE (cifar_one.py --consistency_rampup 80) both ramp over the first 80 of 300 epochs.
+DEFAULT_KD_RAMPUP = 80 / 300
 
 
 class ConfigError(ValueError):
@@ -167,8 +171,20 @@ class LossConfig(_Strict):
     anneal_factor: float = Field(1.05, ge=1.0, le=2.0)
     anneal_max_prob: float = Field(0.5, gt=0.0, lt=1.0)
     primary_weight: float = Field(0.7, ge=0.0, le=1.0)
-    teacher_init: Literal["deeper", "uniform", "next"] = "deeper"
+    # MATE's ensemble teachers (docs/losses.md): per-sample weights from a self-attention weight
+    # network over the exits' pooled features (the paper's figure, OKDDip's projections), or
+    # a trainable weight vector per teacher (`static`, the earlier reconstruction).
+    teacher_weights: Literal["attention", "static"] = "attention"
+    teacher_init: Literal["deeper", "uniform", "next"] = "deeper"  # static only
     teacher_support: Literal["all", "deeper"] = "all"  # deeper: teacher j mixes exits j..K
+    # A cross entropy on the teachers and what its gradient reaches: none (OKDDip), only the
+    # teacher weights (exit logits detached inside t_j), or the exits too (ONE).
+    teacher_ce: Literal["none", "weights", "exits"] = "none"
+    detach_targets: bool = False  # KL targets t_j detached (ONE) or not (OKDDip)
+    # Distillation weight ramp-up exp(-5 (1 - e/R)^2) over the first R = kd_rampup * epochs
+    # epochs (e 0-based; 0: off).
+    kd_rampup: float = Field(DEFAULT_KD_RAMPUP, ge=0.0, le=1.0)
+    exit_ce_weight: Literal["one", "one_minus_kd"] = "one"  # the exits' CE: 1 or 1 - lambda
     dtd: DTDConfig | None = None
     teacher_adjust: Literal["none", "lsr", "ps"] = "none"
     correlation_weight: float = Field(0.0, ge=0.0)  # 0: off; 10 recommended (README)
@@ -192,6 +208,25 @@ class LossConfig(_Strict):
             object.__setattr__(self, "temperature", DEFAULT_TEMPERATURE[self.kind])
         if self.feature_weight is None:
             object.__setattr__(self, "feature_weight", DEFAULT_FEATURE_WEIGHT.get(self.kind, 0.0))
+        return self
+
+    @model_validator(mode="after")
+    def _check_mate(self) -> LossConfig:
+        if self.kind != "mate":
+            return self
+        if self.exit_ce_weight == "one_minus_kd" and self.kd_weight > 1.0:
+            raise ValueError(
+                f"`loss.kd_weight` is {self.kd_weight}, but must be <= 1 with "
+                "`loss.exit_ce_weight: one_minus_kd` (the exits' CE weight is 1 - kd_weight)"
+            )
+        if self.teacher_ce == "none" and (self.detach_targets or self.kd_weight == 0.0):
+            why = (
+                "`loss.detach_targets` is true" if self.detach_targets else "`loss.kd_weight` is 0"
+            )
+            raise ValueError(
+                f"`loss.teacher_ce` is 'none' and {why}, so MATE's teacher weights would get no "
+                "gradient; set `loss.teacher_ce` to 'weights' or 'exits'"
+            )
         return self
 
     @property
@@ -244,7 +279,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         line = f"unknown key `{key}`"
-    elif not key:
+    elif not key or msg.startswith("`"):  # a whole-model rule names its keys itself
         line = msg
     else:
         line = f"`{key}` is {first['input']!r}, but {msg[0].lower()}{msg[1:]}"

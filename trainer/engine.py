@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,10 @@ from trainer.config import ConfigError, JobConfig, OptimConfig
 from trainer.data import DataSplits, DeviceLoader, ImageTensors, load_splits
 from trainer.losses import (
     annealed_temperature,
-    ensemble_teachers,
     init_teacher_logits,
+    mix_exits,
     multi_exit_loss,
+    rampup,
     teacher_weights,
 )
 from trainer.models import MultiExitNet, create_model, exit_gflops
@@ -37,7 +38,6 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "save_checkpoint",
-    "teacher_metrics",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -55,7 +55,7 @@ class Job:
     device: torch.device
     data: DataSplits
     model: MultiExitNet
-    teacher_logits: nn.Parameter | None  # [K, K] MATE teacher weights, None for other kinds
+    teacher_logits: nn.Parameter | None  # [K, K] MATE's static teacher weights, else None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator  # drives shuffling and augmentation
@@ -114,9 +114,19 @@ def lr_factor(cfg: OptimConfig, epochs: int, epoch: int) -> float:
     return 1.0
 
 
-def _optimizer(cfg: OptimConfig, model: nn.Module, teacher: nn.Parameter | None):
-    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
-    if teacher is not None:  # own group: no weight decay, optionally its own learning rate
+def _optimizer(cfg: OptimConfig, model: MultiExitNet, teacher: nn.Parameter | None):
+    """One group for the network; MATE's teacher weights in their own, at `teacher_lr`: the
+    static vectors without weight decay, the attention weight network with it (OKDDip trains
+    its projections with the rest of the model)."""
+    groups: list[dict[str, Any]] = []
+    if model.weight_network is not None:
+        attention = list(model.weight_network.parameters())
+        taken = {id(p) for p in attention}
+        groups.append({"params": [p for p in model.parameters() if id(p) not in taken]})
+        groups.append({"params": attention, "lr": cfg.teacher_lr or cfg.lr})
+    else:
+        groups.append({"params": list(model.parameters())})
+    if teacher is not None:
         groups.append({"params": [teacher], "weight_decay": 0.0, "lr": cfg.teacher_lr or cfg.lr})
     if cfg.name == "sgd":
         return torch.optim.SGD(
@@ -140,13 +150,14 @@ def build_job(cfg: JobConfig, *, data: DataSplits | None = None) -> Job:
         in_channels=data.in_channels,
         image_size=data.image_size,
         projection_heads=cfg.loss.uses_correlation,
+        weight_network=cfg.loss.kind == "mate" and cfg.loss.teacher_weights == "attention",
     )
     gflops = exit_gflops(model, (data.in_channels, data.image_size, data.image_size))
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     teacher = None
-    if cfg.loss.kind == "mate":
+    if cfg.loss.kind == "mate" and cfg.loss.teacher_weights == "static":
         init = init_teacher_logits(cfg.num_exits, cfg.loss.teacher_init)
         teacher = nn.Parameter(init.to(device))
     optimizer = _optimizer(cfg.optim, model, teacher)
@@ -170,6 +181,7 @@ def train_one_epoch(job: Job) -> dict[str, float]:
     loss_cfg = job.cfg.loss
     job.model.train()
     lr = job.optimizer.param_groups[0]["lr"]
+    kd_rampup = rampup(job.epoch, job.cfg.train.epochs, loss_cfg.kd_rampup)
     total = torch.zeros((), device=job.device)
     seen = 0
     for inputs, labels in job.loader(job.data.train, train=True):
@@ -180,9 +192,10 @@ def train_one_epoch(job: Job) -> dict[str, float]:
             out.logits,
             out.features,
             labels,
-            job.teacher_logits,
+            job.teacher_logits if out.teacher_scores is None else out.teacher_scores,
             temperature=job.temperature,
             projections=out.projections,
+            kd_rampup=kd_rampup,
         )
         job.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
@@ -207,21 +220,57 @@ def train_one_epoch(job: Job) -> dict[str, float]:
     return result
 
 
+class Predictions(NamedTuple):
+    logits: torch.Tensor  # [K, N, C] float32, split order
+    teacher_scores: torch.Tensor | None  # MATE: [K, K] static or [N, K, K] attention, else None
+
+
 @torch.no_grad()
-def predict(job: Job, split: ImageTensors) -> torch.Tensor:
-    """Logits of every exit on a whole split: [K, N, C] float32, in split order."""
+def predict(job: Job, split: ImageTensors) -> Predictions:
+    """Logits of every exit on a whole split and, for MATE, its teachers' scores (the weight
+    network run on the exits' features, or the static a_j)."""
     job.model.eval()
-    chunks = []
+    network = job.model.weight_network
+    logits, scores = [], []
     for inputs, _ in job.loader(split, train=False):
         with torch.autocast(job.device.type, job.autocast_dtype, enabled=bool(job.autocast_dtype)):
-            chunks.append(job.model(inputs).logits.float())
-    return torch.cat(chunks, dim=1)
+            out = job.model(inputs)
+            if network is not None:
+                scores.append(network(out.features).float())
+        logits.append(out.logits.float())
+    if network is not None:
+        return Predictions(torch.cat(logits, dim=1), torch.cat(scores))
+    static = None if job.teacher_logits is None else job.teacher_logits.detach()
+    return Predictions(torch.cat(logits, dim=1), static)
+
+
+def _teacher_values(
+    logits: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, support: str
+) -> tuple[list[str], torch.Tensor]:
+    """MATE's teachers on a split: accuracy, weights over the exits (mean over the samples),
+    how far a sample's weights stray from that mean, and the teachers' diversity."""
+    weights = teacher_weights(scores, support)  # [J, K] or [N, J, K]
+    accuracy = (mix_exits(weights, logits).argmax(dim=-1) == labels).float().mean(dim=1)  # [J]
+    if weights.dim() == 2:
+        weights = weights[None]
+    mean = weights.mean(dim=0)  # [J, K]
+    spread = 0.5 * (weights - mean).abs().sum(dim=-1).mean(dim=0)  # [J] mean TV from the mean
+    teachers = range(1, mean.shape[0] + 1)
+    exits = range(1, mean.shape[1] + 1)
+    names = [
+        *(M.teacher_acc(j) for j in teachers),
+        *(M.teacher_weight(j, k) for j in teachers for k in exits),
+        *(M.teacher_spread(j) for j in teachers),
+        M.TEACHER_DIVERSITY,
+    ]
+    values = torch.cat([accuracy, mean.flatten(), spread, M.teacher_diversity(mean)[None]])
+    return names, values
 
 
 def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, float]:
     """Per-exit accuracy and loss, ensemble and mean-exit accuracy, anytime metrics and, for
-    MATE, each ensemble teacher's accuracy."""
-    logits = predict(job, split)  # [K, N, C]
+    MATE, its teachers (:func:`_teacher_values`)."""
+    logits, scores = predict(job, split)  # [K, N, C]
     labels = split.labels
     num_exits = logits.shape[0]
     probs = logits.softmax(dim=-1)
@@ -239,21 +288,20 @@ def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, fl
     operating = torch.tensor([job.cfg.train.exit_threshold], device=logits.device)
     op_acc, op_gflops, _ = M.anytime_curve(confidence, correct, gflops, operating)
 
-    teacher_acc = torch.zeros(0, device=logits.device)  # [J]
-    if job.teacher_logits is not None:
+    teacher_names: list[str] = []
+    teacher_values = torch.zeros(0, device=logits.device)
+    if scores is not None:
         support = job.cfg.loss.teacher_support
-        teachers = ensemble_teachers(logits, job.teacher_logits.detach(), support)  # [J, N, C]
-        teacher_acc = (teachers.argmax(dim=-1) == labels).float().mean(dim=1)
+        teacher_names, teacher_values = _teacher_values(logits, scores, labels, support)
 
-    values = torch.stack(
+    values = torch.cat(
         [
-            *per_exit_acc,
-            *per_exit_loss.mean(dim=1),
-            ensemble_acc,
-            per_exit_acc.mean(),
-            op_acc[0].float(),
-            op_gflops[0].float(),
-            *teacher_acc,
+            per_exit_acc,
+            per_exit_loss.mean(dim=1),
+            torch.stack(
+                [ensemble_acc, per_exit_acc.mean(), op_acc[0].float(), op_gflops[0].float()]
+            ),
+            teacher_values,
         ]
     ).tolist()  # one device sync for all metrics
     names = [
@@ -263,7 +311,7 @@ def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, fl
         M.MEAN_EXIT_ACC,
         M.ANYTIME_ACC,
         M.ANYTIME_GFLOPS,
-        *(M.teacher_acc(j) for j in range(1, len(teacher_acc) + 1)),
+        *teacher_names,
     ]
     result = dict(zip(names, values, strict=True))
     acc_curve, cost_curve = acc_curve.cpu(), cost_curve.cpu()
@@ -272,18 +320,6 @@ def evaluate(job: Job, split: ImageTensors, prefix: str = "val") -> dict[str, fl
         thresholds.tolist(), acc_curve.tolist(), cost_curve.tolist(), job.cfg.train.exit_threshold
     )
     return {M.with_split(name, prefix): value for name, value in result.items()}
-
-
-def teacher_metrics(job: Job) -> dict[str, float]:
-    """MATE's teachers after an epoch: each one's weights over the exits and their diversity
-    (empty for other kinds)."""
-    if job.teacher_logits is None:
-        return {}
-    weights = teacher_weights(job.teacher_logits.detach(), job.cfg.loss.teacher_support)
-    values = torch.cat([weights.flatten(), M.teacher_diversity(weights)[None]]).tolist()
-    exits = range(1, weights.shape[1] + 1)
-    names = [*(M.teacher_weight(j, k) for j in exits for k in exits), M.TEACHER_DIVERSITY]
-    return dict(zip(names, values, strict=True))
 
 
 def model_metrics(job: Job) -> dict[str, float]:
@@ -306,7 +342,6 @@ def fit(job: Job, on_epoch: Callable[[dict[str, float]], None] | None = None) ->
             M.EPOCH: job.epoch,
             **train_metrics,
             **eval_metrics,
-            **teacher_metrics(job),
             M.EPOCH_TIME: time.perf_counter() - start,
         }
         if on_epoch is not None:

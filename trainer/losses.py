@@ -17,10 +17,14 @@ tests in tests/test_losses.py name the repository, file and commit):
 - phuong_lampert  (10/K) [(1-C) sum_k CE(z_k) + C T^2 sum_{k<K} softCE_T(z_K, z_k)],
          z_K detached; T is training state the engine anneals (`annealed_temperature`).
          https://openaccess.thecvf.com/content_ICCV_2019/html/Phuong_Distillation-Based_Training_for_Multi-Exit_Architectures_ICCV_2019_paper.html
-- mate   (1-lambda) sum_k CE(z_k) + sum_j CE(t_j)
-         + lambda sum_k [mu KL_T(t_k||z_k) + (1-mu)/(K-1) sum_{j!=k} KL_T(t_j||z_k)]
-         with ensemble teachers t_j = sum_k softmax(a_j)_k z_k, detached inside the KL terms.
-         MATE (Sun et al., FITEE 2024) is reconstructed from the paper's abstract only.
+- mate   w_ce sum_k CE(z_k) [+ sum_j CE(t_j)]
+         + lambda r(e) sum_k [mu KL_T(t_k||z_k) + (1-mu)/(K-1) sum_{j!=k} KL_T(t_j||z_k)]
+         with ensemble teachers t_j = sum_k w_jk z_k, w_j = softmax over the exits of teacher
+         j's scores: per sample from the attention weight network (q_j . k_k of the exits'
+         pooled features) or a static trainable vector a_j. Knobs (docs/losses.md): w_ce 1 or
+         1 - lambda; the teacher CE absent, on the weights only or reaching the exits; the KL
+         targets detached or not; r(e) the ramp-up exp(-5 (1 - e/R)^2). MATE (Sun et al.,
+         FITEE 2024) is built from its overview figure and its authors' group's code (OKDDip).
 
 Modifiers for the kinds with soft targets (dsn has no teacher, eed's mse output no soft
 targets): dynamic temperature (dtd) and teacher knowledge adjustment (lsr / ps), both from
@@ -46,7 +50,9 @@ __all__ = [
     "dynamic_temperature",
     "ensemble_teachers",
     "init_teacher_logits",
+    "mix_exits",
     "multi_exit_loss",
+    "rampup",
     "soft_targets",
     "teacher_weights",
 ]
@@ -101,28 +107,51 @@ def init_teacher_logits(num_exits: int, teacher_init: str) -> torch.Tensor:
 
 
 def teacher_weights(teacher_logits: torch.Tensor, support: str = "all") -> torch.Tensor:
-    """Each teacher's weights over the exits: [J, K] logits a_j -> [J, K] rows summing to 1.
+    """Each teacher's weights over the exits: scores [..., J, K] -> rows summing to 1.
 
-    ``all``: softmax(a_j) over every exit. ``deeper``: softmax over exits j..K only (the
-    shallower exits get weight 0 and no gradient), so exit k's primary teacher t_k never
+    The scores are static logits a_j ([J, K]) or the weight network's per-sample q_j . k_k
+    ([B, J, K]). ``all``: softmax over every exit. ``deeper``: softmax over exits j..K only
+    (the shallower exits get weight 0 and no gradient), so exit k's primary teacher t_k never
     leans on exits shallower than k.
     """
     if support == "all":
         return teacher_logits.softmax(dim=-1)
     if support == "deeper":
-        num_teachers, num_exits = teacher_logits.shape
+        num_teachers, num_exits = teacher_logits.shape[-2:]
         k = torch.arange(num_exits, device=teacher_logits.device)
         j = torch.arange(num_teachers, device=teacher_logits.device)[:, None]
         return teacher_logits.masked_fill(k < j, float("-inf")).softmax(dim=-1)
     raise ValueError(f"teacher_support is {support!r}, but must be one of 'all', 'deeper'")
 
 
+def mix_exits(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """t_j = sum_k w_jk z_k: weights [J, K] (shared) or [B, J, K] (per sample) x logits
+    [K, B, C] -> [J, B, C]."""
+    if weights.dim() == 2:
+        return torch.einsum("jk,kbc->jbc", weights, logits)
+    return torch.einsum("bjk,kbc->jbc", weights, logits)
+
+
 def ensemble_teachers(
     logits: torch.Tensor, teacher_logits: torch.Tensor, support: str = "all"
 ) -> torch.Tensor:
-    """Teacher logits t_j = sum_k w_jk z_k: [K, B, C] x [J, K] -> [J, B, C], w from
-    :func:`teacher_weights`."""
-    return torch.einsum("jk,kbc->jbc", teacher_weights(teacher_logits, support), logits)
+    """Teacher logits t_j = sum_k w_jk z_k: [K, B, C] with scores [J, K] or [B, J, K] ->
+    [J, B, C], w from :func:`teacher_weights`."""
+    return mix_exits(teacher_weights(teacher_logits, support), logits)
+
+
+def rampup(epoch: int, epochs: int, fraction: float) -> float:
+    """The distillation weight's ramp-up factor during `epoch` (0-based) of `epochs`:
+    exp(-5 (1 - min(e, R) / R)^2) with R = fraction * epochs, 1 when fraction is 0.
+
+    ONE's ``sigmoid_rampup`` and OKDDip's ``get_current_consistency_weight`` (Laine & Aila's
+    schedule, https://arxiv.org/abs/1610.02242), with the length a fraction of the run.
+    """
+    length = fraction * epochs
+    if length <= 0.0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +276,8 @@ def _distill(
 ) -> torch.Tensor:
     """sum_{j,k} weights[j,k] T^2 mean_i D(p_j,i || softmax(z_k,i / tau_i)), one batched op.
 
-    teachers [J, B, C] (detached), students [K, B, C], weights [J, K], temperature []; D is
+    teachers [J, B, C] (detached where the kind's code detaches them), students [K, B, C],
+    weights [J, K], temperature []; D is
     KL, or the soft cross entropy -sum p log q when `soft_ce` (byot, eed, phuong_lampert, as
     their code computes it). With dtd, tau_i is the per-pair, per-sample temperature [J, K, B]
     and T = t0: each sample's term is not scaled by its own tau_i^2 (TextBrewer's form; a
@@ -276,6 +306,32 @@ def _mate_pair_weights(num_exits: int, mu: float, like: torch.Tensor) -> torch.T
     return mu * eye + off * (1.0 - eye)
 
 
+def _mate_loss(
+    cfg: LossConfig,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    ce: torch.Tensor,
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    kd_rampup: float,
+) -> torch.Tensor:
+    """MATE's total without the correlation term: z [K, B, C], ce [K] the exits' CE, scores
+    [K, K] or [B, K, K] the teachers' weight logits."""
+    weights = teacher_weights(scores, cfg.teacher_support)  # [J, K] or [B, J, K]
+    teachers = mix_exits(weights, z)  # [J, B, C]
+    kd = cfg.kd_weight
+    total = (1.0 if cfg.exit_ce_weight == "one" else 1.0 - kd) * ce.sum()
+    if cfg.teacher_ce != "none":
+        # "weights": the CE trains the weights only, the exits' logits are constants in it.
+        mixed = teachers if cfg.teacher_ce == "exits" else mix_exits(weights, z.detach())
+        num_teachers = mixed.shape[0]
+        teacher_ce = F.cross_entropy(mixed.flatten(0, 1), labels.repeat(num_teachers))
+        total = total + num_teachers * teacher_ce  # the sum over teachers of batch means
+    targets = teachers.detach() if cfg.detach_targets else teachers
+    pair_weights = _mate_pair_weights(z.shape[0], cfg.primary_weight, z)  # [J, K]
+    return total + kd * kd_rampup * _distill(targets, z, labels, cfg, pair_weights, temperature)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------
@@ -300,11 +356,14 @@ def _check_shapes(
     if labels.shape != (batch,):
         raise ValueError(f"labels has shape {tuple(labels.shape)}, but must be [{batch}]")
     if cfg.kind == "mate" and teacher_logits is None:
-        raise ValueError("loss.kind is 'mate', which needs teacher_logits [K, K]")
-    if cfg.kind == "mate" and teacher_logits.shape != (num_exits, num_exits):
+        raise ValueError("loss.kind is 'mate', which needs teacher_logits [K, K] or [B, K, K]")
+    if cfg.kind == "mate" and teacher_logits.shape not in (
+        (num_exits, num_exits),
+        (batch, num_exits, num_exits),
+    ):
         raise ValueError(
             f"teacher_logits has shape {tuple(teacher_logits.shape)}, "
-            f"but must be [{num_exits}, {num_exits}]"
+            f"but must be [{num_exits}, {num_exits}] or [{batch}, {num_exits}, {num_exits}]"
         )
     if _uses_correlation(cfg, num_exits) and (
         projections is None
@@ -331,12 +390,15 @@ def multi_exit_loss(
     *,
     temperature: torch.Tensor | float | None = None,
     projections: torch.Tensor | None = None,
+    kd_rampup: float = 1.0,
 ) -> LossOutput:
     """The training loss of `cfg.kind` (docs/design.md §3).
 
     logits [K, B, C] shallowest exit first, features [K, B, D], labels [B] int64,
-    teacher_logits [K, K] MATE's trainable a_j (required for kind="mate", else ignored),
+    teacher_logits MATE's teacher scores (required for kind="mate", else ignored): the static
+    a_j [K, K] or the weight network's per-sample scores [B, K, K],
     temperature the current T (phuong_lampert's annealed state; None: cfg.temperature),
+    kd_rampup MATE's ramp-up factor of the distillation weight this epoch (:func:`rampup`),
     projections [K-1, B, P] exits 1..K-1's projected features (required when the
     correlation term is on). Computed in float32 with autocast off, whatever the inputs' dtype.
     """
@@ -377,14 +439,7 @@ def multi_exit_loss(
             kl = _distill(z[-1:].detach(), z[:-1], labels, cfg, ones, t, soft_ce=True)
             total = _PL_SCALE / num_exits * ((1.0 - kd) * ce.sum() + kd * kl)
         elif cfg.kind == "mate":
-            teachers = ensemble_teachers(z, teacher_logits.float(), cfg.teacher_support)
-            teacher_ce = F.cross_entropy(
-                teachers.flatten(0, 1), labels.repeat(num_exits), reduction="none"
-            )  # [K*B]
-            pair_weights = _mate_pair_weights(num_exits, cfg.primary_weight, z)  # [K, K]
-            kl = _distill(teachers.detach(), z, labels, cfg, pair_weights, t)
-            total = (1.0 - kd) * ce.sum() + teacher_ce.view(num_exits, batch).mean(1).sum()
-            total = total + kd * kl
+            total = _mate_loss(cfg, z, labels, ce, teacher_logits.float(), t, kd_rampup)
         else:
             raise ValueError(f"loss.kind is {cfg.kind!r}, which this module does not know")
 

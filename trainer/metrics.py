@@ -31,6 +31,7 @@ __all__ = [
     "kind_metric_names",
     "teacher_acc",
     "teacher_diversity",
+    "teacher_spread",
     "teacher_weight",
 ]
 
@@ -65,8 +66,15 @@ def teacher_acc(j: int, split: str = "val") -> str:
 
 
 def teacher_weight(j: int, k: int) -> str:
-    """softmax(a_j)_k: the weight MATE's teacher j gives exit k (both 1-based)."""
+    """The weight MATE's teacher j gives exit k (both 1-based), mean over the validation
+    samples (the attention weight network's are per sample; static ones are the same for all)."""
     return f"teacher{j}/exit{k}/weight"
+
+
+def teacher_spread(j: int) -> str:
+    """How much MATE's teacher j's weights vary across validation samples: the mean
+    total-variation distance of a sample's weights from their mean (0 for static weights)."""
+    return f"teacher{j}/weight_spread"
 
 
 def with_split(name: str, split: str) -> str:
@@ -80,7 +88,8 @@ def kind_metric_names(kind: str, num_exits: int) -> list[str]:
     exits = range(1, num_exits + 1)
     if kind == "mate":
         weights = [teacher_weight(j, k) for j in exits for k in exits]
-        return [*(teacher_acc(j) for j in exits), *weights, TEACHER_DIVERSITY]
+        spreads = [teacher_spread(j) for j in exits]
+        return [*(teacher_acc(j) for j in exits), *weights, *spreads, TEACHER_DIVERSITY]
     if kind == "phuong_lampert":
         return [TRAIN_TEMPERATURE]
     return []

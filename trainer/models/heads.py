@@ -8,8 +8,9 @@ final resolution gets one 1x1 conv-BN-ReLU instead (a 3x3 one from ResNet-50's 2
 would cost more than the bottleneck it skips). A last 1x1 conv-BN-ReLU lifts the map to the
 final block's channels D, so every exit's features live in the same D-dim space.
 
-Projection heads serve only the training loss (the correlation term): they are not part of
-the anytime-inference path, so they are absent from `exit{k}/gflops`.
+Projection heads (the correlation term) and MATE's attention weight network serve only the
+training loss: they are not part of the anytime-inference path, so they are absent from
+`exit{k}/gflops`.
 """
 
 from __future__ import annotations
@@ -73,3 +74,23 @@ class ProjectionHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, D] -> projected [B, D]; training needs B >= 2 (BatchNorm)."""
         return self.net(features)
+
+
+class TeacherAttention(nn.Module):
+    """MATE's weight network (the paper's overview figure, panel c: the exits' pooled feature
+    vectors -> self-attention -> weights), built as OKDDip builds its per-peer ensemble
+    targets (https://github.com/DefangChen/OKDDip, models/model_cifar/resnet_GL.py @ c6a05de):
+    shared bias-free query and key projections Linear(D, D // 8) of every exit's features,
+    and teacher j's score for exit k is q_j . k_k, unscaled. PyTorch's default Linear
+    initialisation, as there."""
+
+    def __init__(self, dim: int, reduction: int = 8) -> None:
+        super().__init__()
+        width = max(1, dim // reduction)
+        self.query = nn.Linear(dim, width, bias=False)
+        self.key = nn.Linear(dim, width, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [K, B, D] -> scores [B, J=K, K]; softmax over the last axis gives teacher
+        j's weights over the exits (`trainer.losses.teacher_weights`)."""
+        return torch.einsum("jbp,kbp->bjk", self.query(features), self.key(features))
