@@ -394,3 +394,19 @@ def test_grid_search_refuses_conditional_parameters():
         "x.yaml: `search.sampler.kind` is 'grid', but takes unconditional parameters only; "
         "`space.loss.teacher_weights` has a condition"
     )
+
+
+def test_conditional_values_are_checked_under_their_condition():
+    data = copy.deepcopy(VALID)
+    data["space"] = {
+        "loss.teacher_ce": {"type": "categorical", "choices": ["none", "weights"]},
+        "loss.detach_targets": {
+            "type": "categorical",
+            "choices": [False, True],
+            "when": {"loss.teacher_ce": "weights"},
+        },
+    }
+    parse_space(data, "x.yaml")  # detached targets are fine where a teacher CE trains
+    del data["space"]["loss.detach_targets"]["when"]
+    with pytest.raises(ConfigError, match="`loss.detach_targets` is true, so MATE's teacher"):
+        parse_space(data, "x.yaml")

@@ -21,6 +21,7 @@ it can take, and the metric must be one that every trial reports. Problems raise
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -324,8 +325,8 @@ def parse_space(data: Mapping[str, Any], source: str) -> SpaceSpec:
     except ValidationError as err:
         raise ConfigError(f"{source}: {_describe(err)}") from None
     for key, param in spec.space.items():
-        _check_param(spec, key, param)
         _check_condition(spec, key, param)
+        _check_param(spec, key, param)
     _check_search(spec)
     return spec
 
@@ -335,14 +336,20 @@ def _check_param(spec: SpaceSpec, key: str, param: ParamSpec) -> None:
     if key == "train.epochs":
         # The pruner's rungs and the LR schedule both assume one fixed budget per trial.
         raise ConfigError(f"{where}: cannot be searched; set search.pruner.max_epochs instead")
-    # Each bound and each choice must be a valid value for the key on its own.
+    # Each bound and each choice must be a valid value for the key on its own, or, for a
+    # conditional key, together with each value its condition accepts.
     values = param.choices if param.type == "categorical" else [param.low, param.high]
-    for value in values:
-        apply_overrides(spec.base, {key: value}, source=where)
+    contexts = [
+        {other: accepted}
+        for other, value in (param.when or {}).items()
+        for accepted in _accepted(value)
+    ] or [{}]
+    for value, context in itertools.product(values, contexts):
+        apply_overrides(spec.base, {**context, key: value}, source=where)
     if param.type == "float":
         # Bounds like 16 and 256 pass an integer key, but a sampled 23.7 would not.
         try:
-            apply_overrides(spec.base, {key: math.nextafter(param.low, param.high)})
+            apply_overrides(spec.base, {**contexts[0], key: math.nextafter(param.low, param.high)})
         except ConfigError:
             rule = f"`{key}` takes whole numbers (use type: int)"
             raise _broken(spec.source, f"space.{key}.type", "float", rule) from None

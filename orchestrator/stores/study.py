@@ -70,15 +70,17 @@ def make_sampler(spec: SpaceSpec) -> optuna.samplers.BaseSampler:
     if settings.kind == "grid":
         grid = {key: dist.choices for key, dist in optuna_distributions(spec).items()}
         return optuna.samplers.GridSampler(grid, seed=settings.seed)
-    return optuna.samplers.TPESampler(
-        seed=settings.seed,
-        n_startup_trials=settings.n_startup_trials,
-        multivariate=settings.multivariate,
-        # A conditional space: multivariate TPE models each group of parameters that occur
-        # together, rather than falling back to sampling them independently.
-        group=settings.multivariate and spec.conditional,
-        constant_liar=settings.constant_liar,
-    )
+    with warnings.catch_warnings():  # `group` is experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=settings.seed,
+            n_startup_trials=settings.n_startup_trials,
+            multivariate=settings.multivariate,
+            # A conditional space: multivariate TPE models each group of parameters that
+            # occur together, rather than falling back to sampling them independently.
+            group=settings.multivariate and spec.conditional,
+            constant_liar=settings.constant_liar,
+        )
 
 
 def make_pruner(spec: SpaceSpec) -> optuna.pruners.BasePruner:
