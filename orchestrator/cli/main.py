@@ -9,7 +9,7 @@ import click
 from orchestrator.cli.jobs import train, validate
 from orchestrator.cli.options import Group
 from orchestrator.cli.servers import dashboard, ui
-from orchestrator.cli.sweeps import launch, promote, report, resume, status
+from orchestrator.cli.sweeps import compare, launch, promote, report, resume, status
 
 __all__ = ["main"]
 
@@ -23,5 +23,6 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-for _command in (train, validate, launch, resume, status, promote, ui, report, dashboard):
+_COMMANDS = (train, validate, launch, resume, status, promote, ui, report, compare, dashboard)
+for _command in _COMMANDS:
     main.add_command(_command)

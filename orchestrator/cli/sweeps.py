@@ -1,4 +1,5 @@
-"""The sweep commands: ``launch``, ``resume``, ``status``, ``promote``, ``report``.
+"""The sweep commands: ``launch``, ``resume``, ``status``, ``promote``, ``report``,
+``compare``.
 
 Each command imports its use case inside the function (``# noqa: PLC0415``): `orchestrate
 --help` and the read-only ``status`` must not load Ray, MLflow or torch (docs/design.md §6).
@@ -27,7 +28,7 @@ from orchestrator.entities.names import LOG_FILE, REPORT_FILE
 from orchestrator.entities.sweep import SweepRecord, sweep_name_for
 from orchestrator.rendering.console import console
 
-__all__ = ["EXIT_INTERRUPTED", "launch", "promote", "report", "resume", "status"]
+__all__ = ["EXIT_INTERRUPTED", "compare", "launch", "promote", "report", "resume", "status"]
 
 EXIT_INTERRUPTED = 130
 
@@ -268,3 +269,43 @@ def report(
     record = open_sweep(name, storage, [tracking_uri, study_storage])
     path = write_and_log(record, output)
     say(f"wrote {path} (also logged to MLflow run {record.parent_run_id})")
+
+
+@click.command(cls=Command)
+@click.argument("name", metavar="NAME")
+@click.option(
+    "--by", "by", required=True, metavar="KEY", help="Config key to group trials by (loss.kind)."
+)
+@click.option(
+    "--against", metavar="VALUE", help="Reference group each other group is judged against."
+)
+@click.option(
+    "--output",
+    metavar="DIR",
+    default=None,
+    help="Where compare-KEY.md, .json and .png go. [default: the sweep's directory]",
+)
+@storage_option
+@stored_urls_options
+@fail_on_input_errors
+def compare(
+    name: str,
+    by: str,
+    against: str | None,
+    output: str | None,
+    storage: str,
+    tracking_uri: str | None,
+    study_storage: str | None,
+) -> None:
+    """Test accuracy per exit of a finished sweep's trials, grouped by a config key (mean ±
+    std over seeds), with a verdict per exit against a reference group."""
+    from orchestrator.rendering.tables import comparison_table  # noqa: PLC0415
+    from orchestrator.workflows.compare import compare as compare_sweep  # noqa: PLC0415
+    from orchestrator.workflows.status import open_sweep  # noqa: PLC0415  (see module doc)
+
+    record = open_sweep(name, storage, [tracking_uri, study_storage])
+    comparison = compare_sweep(
+        record, by, against, output, on_evaluate=lambda n: say(f"trial {n}: evaluating on test")
+    )
+    console.print(comparison_table(comparison.rows(), comparison.title))
+    say("wrote " + ", ".join(str(path) for path in comparison.files))

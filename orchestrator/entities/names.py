@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "APPLIED_FILE",
     "BEST_RUN_TAG",
+    "COMPARE_DIR",
     "EPOCHS_ATTR",
     "ERROR",
     "EXPERIMENT_KIND_TAG",
@@ -38,6 +39,7 @@ LOG_FILE = "sweep.log"  # Ray's, MLflow's and Optuna's own output
 METRICS_FILE = "metrics.json"  # beside checkpoint.pt in the output of `orchestrate train`
 JOURNAL_FILE = "tracking-journal.jsonl"  # MLflow writes not yet known to be applied
 APPLIED_FILE = "tracking-journal.applied"  # how many journal lines are in MLflow
+COMPARE_DIR = "compare"  # `compare`'s cached test evaluations, one file per trial
 
 # -- one name for one meaning across Tune, Optuna and MLflow ---------------------------
 TRIAL_NUMBER = "optuna_trial_number"  # trial config key and trial run tag: the Optuna number

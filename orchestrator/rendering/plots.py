@@ -28,6 +28,7 @@ __all__ = [
     "anytime_figure",
     "close",
     "exit_accuracy_figure",
+    "group_accuracy_gflops_figure",
     "optimization_history_figure",
     "parallel_coordinate_figure",
     "param_importances_figure",
@@ -75,6 +76,24 @@ def exit_accuracy_figure(
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    return figure
+
+
+def group_accuracy_gflops_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], by: str
+) -> Figure:
+    """Test accuracy of each exit against its cumulative GFLOPs per sample, one line per
+    group; `curves` maps a group to (GFLOPs, mean accuracy, std) per exit (std as bars)."""
+    figure, ax = _figure()
+    for group, (gflops, accuracy, spread) in curves.items():
+        ax.errorbar(gflops, accuracy, yerr=spread, marker="o", capsize=3, label=group)
+    ax.set(
+        xlabel="GFLOPs per sample to reach the exit",
+        ylabel="test accuracy",
+        title=f"Accuracy of each exit against its cost, by {by}",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
     return figure
 
 

@@ -12,6 +12,7 @@ import optuna
 from rich.table import Table
 
 from orchestrator.entities.names import EPOCHS_ATTR
+from orchestrator.selection.groups import GroupSummary, Verdict
 from orchestrator.selection.trials import (
     best_trial,
     is_multi_objective,
@@ -22,6 +23,9 @@ from orchestrator.selection.trials import (
 __all__ = [
     "SWEEPS_COLUMNS",
     "best_summary",
+    "comparison_markdown",
+    "comparison_rows",
+    "comparison_table",
     "counts_text",
     "params_text",
     "sweeps_table",
@@ -119,5 +123,58 @@ def sweeps_table(title: str, rows: Iterable[Sequence[str]]) -> Table:
     for column in SWEEPS_COLUMNS:
         table.add_column(column)
     for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _metric_header(metric: str) -> str:
+    """``test/exit2/acc`` -> ``exit 2``, ``test/anytime_auc`` -> ``anytime AUC``."""
+    name = metric.removeprefix("test/").removesuffix("/acc")
+    if name.startswith("exit"):
+        return f"exit {name.removeprefix('exit')}"
+    return {"mean_exit_acc": "mean of exits", "anytime_auc": "anytime AUC"}.get(name, name)
+
+
+def _verdict_text(verdict: Verdict | None) -> str:
+    if verdict is None:
+        return "-"
+    return f"{verdict.outcome} ({verdict.difference:+.4f} ± {verdict.margin:.4f})"
+
+
+def comparison_rows(
+    groups: Sequence[GroupSummary],
+    metrics: Sequence[str],
+    verdicts: Mapping[str, Mapping[str, Verdict | None]],
+    against: str | None,
+) -> list[list[str]]:
+    """Header, then per group its trials and ``mean ± std`` of each metric, then per judged
+    group its verdicts against `against` (difference of means ± twice its standard error)."""
+    rows = [["group", "trials", *(_metric_header(m) for m in metrics)]]
+    for g in groups:
+        cells = [f"{g.mean[m]:.4f} ± {g.std[m]:.4f}" for m in metrics]
+        rows.append([g.group, str(len(g.trials)), *cells])
+    for group, by_metric in verdicts.items():
+        pairing = "paired by seed" if any(v and v.paired for v in by_metric.values()) else ""
+        label = f"{group} vs {against}" + (f" ({pairing})" if pairing else "")
+        rows.append([label, "", *(_verdict_text(by_metric[m]) for m in metrics)])
+    return rows
+
+
+def comparison_markdown(rows: Sequence[Sequence[str]], title: str) -> str:
+    """`rows` from :func:`comparison_rows` as a Markdown table under a heading."""
+    header, *body = rows
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(rows: Sequence[Sequence[str]], title: str) -> Table:
+    """`rows` from :func:`comparison_rows` as a terminal table."""
+    header, *body = rows
+    table = Table(title=title)
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in body:
         table.add_row(*row)
     return table
