@@ -118,14 +118,14 @@ def _optimizer(cfg: OptimConfig, model: MultiExitNet, teacher: nn.Parameter | No
     """One group for the network; MATE's teacher weights in their own, at `teacher_lr`: the
     static vectors without weight decay, the attention weight network with it (OKDDip trains
     its projections with the rest of the model)."""
-    groups: list[dict[str, Any]] = []
-    if model.weight_network is not None:
-        attention = list(model.weight_network.parameters())
-        taken = {id(p) for p in attention}
-        groups.append({"params": [p for p in model.parameters() if id(p) not in taken]})
+    network = model.weight_network
+    attention = [] if network is None else list(network.parameters())
+    taken = {id(p) for p in attention}
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in model.parameters() if id(p) not in taken]}
+    ]
+    if attention:
         groups.append({"params": attention, "lr": cfg.teacher_lr or cfg.lr})
-    else:
-        groups.append({"params": list(model.parameters())})
     if teacher is not None:
         groups.append({"params": [teacher], "weight_decay": 0.0, "lr": cfg.teacher_lr or cfg.lr})
     if cfg.name == "sgd":
