@@ -39,6 +39,21 @@ STATIC_ONE_LIKE = {
 }
 
 
+def _learns_and_reports_teachers(final: dict[str, float], teacher_acc: float) -> torch.Tensor:
+    """Every exit and teacher of a 4-exit digits MATE job learnt, every MATE metric is there;
+    the teachers' [J, K] weights over the exits (rows sum to 1)."""
+    assert final[M.exit_acc(4)] >= 0.90
+    for k in range(1, 5):
+        assert final[M.exit_acc(k)] >= 0.5, f"exit {k} barely beats chance (0.1)"
+        assert final[M.teacher_acc(k)] >= teacher_acc
+    assert set(M.epoch_metric_names(4, "mate")) <= set(final)
+    weights = torch.tensor(
+        [[final[M.teacher_weight(j, k)] for k in range(1, 5)] for j in range(1, 5)]
+    )
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    return weights
+
+
 @pytest.mark.parametrize("support", ["all", "deeper"])
 def test_fit_mate_static_on_digits_learns_and_reports_its_teachers(support):
     # Teachers start identical (uniform init) and train only through sum_j CE(t_j): with
@@ -49,18 +64,10 @@ def test_fit_mate_static_on_digits_learns_and_reports_its_teachers(support):
     job = build_job(digits_job(loss, epochs=20))
     history = []
     final = fit(job, on_epoch=history.append)
-    assert final[M.exit_acc(4)] >= 0.90
-    for k in range(1, 5):
-        assert final[M.exit_acc(k)] >= 0.5, f"exit {k} barely beats chance (0.1)"
-        assert final[M.teacher_acc(k)] >= 0.90
-    assert set(M.epoch_metric_names(4, "mate")) <= set(final)
+    weights = _learns_and_reports_teachers(final, teacher_acc=0.90)
     assert final[M.EPOCH] == 20
     assert 0.0 < final[M.ANYTIME_AUC] < 1.0
     assert final[M.ANYTIME_GFLOPS] <= job.gflops[-1] + 1e-12
-    weights = torch.tensor(
-        [[final[M.teacher_weight(j, k)] for k in range(1, 5)] for j in range(1, 5)]
-    )
-    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
     # The teacher weights are trained: they moved away from their initial values.
     assert not torch.allclose(job.teacher_logits, init_teacher_logits(4, "uniform"))
     diversity = [m[M.TEACHER_DIVERSITY] for m in history]
@@ -82,15 +89,7 @@ def test_fit_mate_attention_learns_per_sample_teachers_that_cost_no_inference_fl
     start = [p.detach().clone() for p in network.parameters()]
     history = []
     final = fit(job, on_epoch=history.append)
-    assert final[M.exit_acc(4)] >= 0.90
-    for k in range(1, 5):
-        assert final[M.exit_acc(k)] >= 0.5, f"exit {k} barely beats chance (0.1)"
-        assert final[M.teacher_acc(k)] >= 0.85
-    assert set(M.epoch_metric_names(4, "mate")) <= set(final)
-    weights = torch.tensor(
-        [[final[M.teacher_weight(j, k)] for k in range(1, 5)] for j in range(1, 5)]
-    )
-    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    _learns_and_reports_teachers(final, teacher_acc=0.85)
     # Trained through the attached KL targets, and per sample: the weights vary across images.
     assert any(not torch.equal(a, b) for a, b in zip(start, network.parameters(), strict=True))
     assert all(0.0 < final[M.teacher_spread(j)] < 1.0 for j in range(1, 5))
