@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainer import metrics as M
@@ -53,7 +54,9 @@ def champion(tmp_path_factory) -> tuple[Job, str]:
     fit(job)
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        with mlflow.start_run():
+        artifacts = (work / "artifacts").as_uri()
+        experiment = MlflowClient().create_experiment("serving", artifact_location=artifacts)
+        with mlflow.start_run(experiment_id=experiment):
             info = log_servable_model(job.model, job.cfg, job.data, registered_model_name=MODEL)
         MlflowClient().set_registered_model_alias(MODEL, "champion", info.registered_model_version)
         yield job, tracking_uri
@@ -101,6 +104,8 @@ def test_serving_pyfunc_equals_trainer_anytime_evaluation(champion):
     assert default["exit"].nunique() > 1 and other["exit"].nunique() > 1
     assert other["exit"].mean() < default["exit"].mean()
     assert (default["confidence"][default["exit"] < job.cfg.num_exits] >= THRESHOLD).all()
+    with pytest.raises(MlflowException, match=r"`threshold` is 1.5, but must be in \(0, 1\]"):
+        model.predict(images, params={"threshold": 1.5})
 
 
 def test_serving_runs_only_undecided_images_through_later_blocks(champion):

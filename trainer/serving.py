@@ -122,7 +122,8 @@ def log_servable_model(
 
 
 def usage_lines(model_uri: str, tracking_uri: str) -> list[str]:
-    """How to use a logged model: load it in Python, and serve it over HTTP."""
+    """How to use a logged model: load it in Python, and serve it over HTTP (`tracking_uri`
+    as it may be shown: with any password masked)."""
     return [
         f'load in Python: mlflow.pyfunc.load_model("{model_uri}").predict(images)'
         "  # uint8 [N, C, H, W]; params={'threshold': 0.8}",
