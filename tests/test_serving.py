@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -45,7 +46,7 @@ JOB = {
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory) -> tuple[Job, str]:
+def champion(tmp_path_factory) -> Iterator[tuple[Job, str]]:
     """(the trained job, the store's tracking URI) with the job's network registered as
     `mate_digits@champion`."""
     work = tmp_path_factory.mktemp("serving")
