@@ -32,3 +32,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_correlation.py
 	$(BIN)/python bench/bench_teachers.py
 	$(BIN)/python bench/bench_methods.py
+	$(BIN)/python bench/bench_serve.py

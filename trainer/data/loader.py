@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.data.tensors import ImageTensors
+from trainer.pixels import normalise, pixel_affine
 
 __all__ = ["DeviceLoader"]
 
@@ -57,11 +58,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.dtype = dtype
         self.drop_last = drop_last
-        # (x / 255 - mean) / std == x * scale + shift, per channel: [1, C, 1, 1] float32
-        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
+        self._scale, self._shift = pixel_affine(mean, std, device)
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -103,5 +100,5 @@ class DeviceLoader:
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # cheaper on uint8
-        out = x.float().mul_(self._scale).add_(self._shift)  # in place: keeps the format
+        out = normalise(x, self._scale, self._shift)
         return out if self.dtype == torch.float32 else out.to(self.dtype)

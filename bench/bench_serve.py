@@ -1,0 +1,204 @@
+"""Serving on CIFAR-10 JPEG: the early-exit MLflow model against always running the full network.
+
+Trains a multi-exit resnet20 with the project's engine (`--kind`, DSN by default: the fastest
+learner in this short budget, see README "Methods at their defaults"; SGD, cosine schedule,
+on a class-stratified share of the 50,000 training images, CPU), or reuses the checkpoint an
+earlier run with the same settings cached under the user's cache directory. Logs it with
+:func:`trainer.serving.log_servable_model` to a throwaway sqlite store and loads it back as
+MLflow loads it for serving (``mlflow.pyfunc.load_model``, CPU). Then, on the first
+`--images` test images (uint8, as a client sends them), per confidence threshold: accuracy,
+mean GFLOPs per image, and throughput at batch 1 and batch 128 of the served model; beside it
+the full network: normalisation, stem, every block and the last exit's head only (the raw
+network from ``mlflow.pytorch.load_model``), which is what a single-exit deployment runs.
+
+Accuracy and GFLOPs come from an untimed warm-up pass. Throughput is the median over
+`--rounds` passes that visit every row in turn, so a change in the machine's load hits all
+rows alike; batch 1 runs over the first `--batch1-images` images of each pass.
+
+    .venv/bin/python bench/bench_serve.py           # 10% subset, 6 epochs (~25 min on 2 busy cores)
+    .venv/bin/python bench/bench_serve.py --quick   # 2% subset, 1 epoch: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import torch
+from _common import machine, versions
+from torch.utils.flop_counter import FlopCounterMode
+
+from trainer import metrics as M
+from trainer.config import parse_job_config
+from trainer.engine import CHECKPOINT_FILE, build_job, fit, load_checkpoint, save_checkpoint
+from trainer.images import user_cache_dir
+from trainer.models import MultiExitNet
+from trainer.pixels import normalise, pixel_affine
+from trainer.serving import log_servable_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
+
+THRESHOLDS = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def job_dict(root: Path, args) -> dict:
+    return {
+        "dataset": {
+            "name": "imagefolder",
+            "root": str(root),
+            "image_size": 32,
+            "val_fraction": 0.02,  # 1,000 images: a cheap evaluation after each epoch
+            "train_fraction": args.train_fraction,
+        },
+        "model": {"arch": "resnet20", "exits": [3, 5, 7, 9]},
+        "loss": {"kind": args.kind},
+        "optim": {"name": "sgd", "lr": 0.1, "schedule": "cosine", "weight_decay": 5.0e-4},
+        "train": {"epochs": args.epochs, "batch_size": 128, "device": "cpu", "seed": args.seed},
+    }
+
+
+def trained_job(config: dict):
+    """The job, trained, or restored from the cached checkpoint of the same config."""
+    job = build_job(parse_job_config(config))
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    cache = user_cache_dir() / "bench" / f"serve-resnet20-{key}"
+    if (cache / CHECKPOINT_FILE).is_file():
+        load_checkpoint(job, cache)
+        print(f"reused the checkpoint in {cache} (epoch {job.epoch})")
+        return job
+    start = time.perf_counter()
+    last = M.exit_acc(job.cfg.num_exits)
+    fit(job, on_epoch=lambda m: print(f"  epoch {m[M.EPOCH]:.0f}: last exit {m[last]:.4f}"))
+    print(f"trained in {time.perf_counter() - start:.0f} s; checkpoint cached in {cache}")
+    save_checkpoint(job, cache)
+    return job
+
+
+class FullNetwork:
+    """Always the whole network: normalise, stem, every block, the last exit's head."""
+
+    def __init__(self, network: MultiExitNet, mean, std, shape: tuple[int, ...]) -> None:
+        self.network = network.eval()
+        self.scale, self.shift = pixel_affine(mean, std)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self.forward(torch.zeros(1, *shape))
+        self.gflops = counter.get_total_flops() / 1e9
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.network.backbone.stem(x)
+        for block in self.network.backbone.blocks:
+            h = block(h)
+        return self.network.heads[-1](h)[0]
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> pd.DataFrame:
+        x = normalise(torch.from_numpy(images), self.scale, self.shift)
+        classes = self.forward(x).argmax(dim=-1).numpy()
+        exit_ = self.network.num_exits
+        return pd.DataFrame({"class": classes, "exit": exit_, "gflops": self.gflops})
+
+
+def batches(images: np.ndarray, size: int) -> list[np.ndarray]:
+    return [images[i : i + size] for i in range(0, len(images), size)]
+
+
+def images_per_second(predict: Callable, chunks: list[np.ndarray]) -> float:
+    start = time.perf_counter()
+    for chunk in chunks:
+        predict(chunk)
+    return sum(len(c) for c in chunks) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="dsn", help="loss.kind to train with")
+    parser.add_argument("--train-fraction", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
+    parser.add_argument("--images", type=int, default=2048, help="test images measured")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes per row")
+    parser.add_argument("--batch1-images", type=int, default=64, help="per pass at batch 1")
+    parser.add_argument("--quick", action="store_true", help="2%% subset, 1 epoch, 2 thresholds")
+    args = parser.parse_args()
+    if args.quick:
+        args.train_fraction, args.epochs, args.thresholds = 0.02, 1, [0.5, 0.9]
+        args.images, args.rounds, args.batch1_images = 256, 1, 16
+    print(versions("torch", "mlflow"))
+    print(machine() + f", torch threads {torch.get_num_threads()}, no GPU used")
+    start = time.perf_counter()
+    job = trained_job(job_dict(cifar10_jpeg(), args))
+    images = job.data.test.images[: args.images].numpy()  # uint8 [N, 3, 32, 32]
+    labels = job.data.test.labels[: args.images].numpy()
+
+    with tempfile.TemporaryDirectory() as work:
+        mlflow.set_tracking_uri(f"sqlite:///{Path(work) / 'mlflow.db'}")
+        artifacts = (Path(work) / "artifacts").as_uri()
+        experiment = mlflow.create_experiment("bench-serve", artifact_location=artifacts)
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_servable_model(job.model, job.cfg, job.data)
+        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})
+        network = mlflow.pytorch.load_model(info.model_uri)
+    full = FullNetwork(network, job.data.mean, job.data.std, images.shape[1:])
+    predictors: dict[str, Callable] = {"full": full.predict}
+    for t in args.thresholds:
+        predictors[f"{t:g}"] = functools.partial(served.predict, params={"threshold": t})
+
+    b128, b1 = batches(images, 128), batches(images[: args.batch1_images], 1)
+    answers = {name: pd.concat([p(c) for c in b128]) for name, p in predictors.items()}  # warm
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}
+    for r in range(args.rounds):  # interleaved, so every row sees the same machine load
+        for name, p in predictors.items():
+            rates[name].append((images_per_second(p, b1), images_per_second(p, b128)))
+        print(f"  timing round {r + 1}/{args.rounds} done; {machine()}")
+    report(answers, rates, labels, job.cfg.num_exits, args)
+    print(f"wall clock {time.perf_counter() - start:.0f} s; {machine()}")
+
+
+def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> None:
+    """One row per predictor: accuracy, GFLOPs, median images/s at batch 1 and 128."""
+    print(
+        f"\nresnet20 (exits 3,5,7,9), {args.kind}, {args.epochs} epochs on "
+        f"{args.train_fraction:.0%} of the training set (seed {args.seed}); the first "
+        f"{len(labels)} test images, CPU; images/s: median of {args.rounds} interleaved passes"
+    )
+    head = ["threshold", "accuracy", "Δ acc pts", "GFLOPs/img", "img/s b1", "img/s b128"]
+    print("".join(f"{h:>11}" for h in [*head, "x full b128"]) + "  share leaving at exit 1..4")
+    rows = {}
+    for name, frame in answers.items():
+        acc = float((frame["class"].to_numpy() == labels).mean())
+        b1, b128 = (statistics.median(r[i] for r in rates[name]) for i in (0, 1))
+        share = frame["exit"].value_counts(normalize=True)
+        rows[name] = (acc, float(frame["gflops"].mean()), b1, b128)
+        shares = " ".join(f"{share.get(k, 0.0):.2f}" for k in range(1, exits + 1))
+        full_acc, _, _, full_b128 = rows["full"]
+        cells = [name, f"{acc:.4f}", f"{100 * (acc - full_acc):+.2f}", f"{rows[name][1]:.4f}"]
+        cells += [f"{b1:.1f}", f"{b128:.1f}", f"{b128 / full_b128:.2f}"]
+        print("".join(f"{c:>11}" for c in cells) + f"  {shares}")
+    within = {n: r for n, r in rows.items() if n != "full" and r[0] >= full_acc - 0.005}
+    if not within:
+        print("no threshold is within 0.5 points of the full network's accuracy: goal missed")
+        return
+    name, best = max(within.items(), key=lambda item: item[1][3])
+    ratio = best[3] / full_b128
+    print(
+        f"fastest threshold within 0.5 points of the full network: {name}, {ratio:.2f}x its "
+        f"throughput at batch 128 (goal 1.5x: {'met' if ratio >= 1.5 else 'missed'})"
+    )
+
+
+if __name__ == "__main__":
+    main()
