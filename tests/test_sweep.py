@@ -143,6 +143,9 @@ def test_promote_registers_champion_with_test_metrics(sweep):
     args = ["promote", "e2e", "--epochs", str(MAX_EPOCHS), "--register", "digits-e2e"]
     result = CliRunner().invoke(main, [*args, "--storage", str(workdir / "sweeps")])
     assert result.exit_code == 0, result.output
+    # The two commands a user needs next: load the early-exit model in Python, serve it.
+    assert 'mlflow.pyfunc.load_model("models:/digits-e2e@champion")' in result.output
+    assert "mlflow models serve -m models:/digits-e2e@champion" in result.output
     client = MlflowClient(record.tracking_uri)
     version = client.get_model_version_by_alias("digits-e2e", "champion")
     run = client.get_run(version.run_id)

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
-import mlflow.pytorch
-import torch
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
+from orchestrator.entities.credentials import mask
 from orchestrator.entities.names import (
     PROMOTED_RUN_TAG,
     PROMOTED_TRIAL_TAG,
@@ -34,6 +33,7 @@ from orchestrator.stores.tracking.runs import find_trial_run, flatten, now_ms
 from trainer import metrics as M
 from trainer.config import ConfigError, JobConfig, apply_overrides
 from trainer.engine import Job, build_job, fit, model_metrics, save_checkpoint
+from trainer.serving import log_servable_model, usage_lines
 
 __all__ = ["CHAMPION_ALIAS", "Promotion", "final_job_config", "promote"]
 
@@ -47,6 +47,7 @@ class Promotion:
     metrics: dict[str, float]
     model_name: str | None
     model_version: str | None
+    usage: tuple[str, ...] = ()  # how to load and serve the registered champion
 
 
 def final_job_config(
@@ -107,21 +108,21 @@ def promote(
         client.log_artifacts(run_id, directory, artifact_path="checkpoint")
     version = _log_model(record, run_id, job, register)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    return Promotion(run_id, number, final, register, version)
+    usage = ()
+    if register is not None:
+        usage = tuple(
+            usage_lines(f"models:/{register}@{CHAMPION_ALIAS}", mask(record.tracking_uri))
+        )
+    return Promotion(run_id, number, final, register, version, usage)
 
 
 def _log_model(record: SweepRecord, run_id: str, job: Job, register: str | None) -> str | None:
-    """Log the trained network as an MLflow PyTorch model; register it and set the alias."""
+    """Log the trained network as a servable early-exit model (docs/serving.md: a pyfunc
+    flavor beside the raw pytorch one); register it and set the alias."""
     mlflow.set_tracking_uri(record.tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            job.model.cpu().eval(),
-            name="model",
-            # The multi-exit forward returns a (logits, features) tuple, which MLflow's
-            # traced 'pt2' format cannot describe; the model loads with this package present.
-            serialization_format="pickle",
-            registered_model_name=register,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mate-orchestrator"],
+        info = log_servable_model(
+            job.model, job.cfg, job.data, name="model", registered_model_name=register
         )
     if register is None:
         return None
