@@ -68,7 +68,7 @@ def champion(tmp_path_factory) -> Iterator[tuple[Job, str]]:
 def trainer_answers(job: Job, threshold: float) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per test image the trainer's anytime decision (class, 1-based exit, its GFLOPs) from
     the full network's logits, and the trainer's evaluation metrics at `threshold`."""
-    logits = predict(job, job.data.test)  # [K, N, C]
+    logits = predict(job, job.data.test).logits  # [K, N, C]
     confidence, predicted = logits.softmax(dim=-1).max(dim=-1)  # [K, N]
     exits = M.exit_at_threshold(confidence, torch.tensor([threshold]))[0]  # [N]
     answers = pd.DataFrame(

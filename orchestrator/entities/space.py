@@ -439,14 +439,14 @@ def grid_size(spec: SpaceSpec) -> int:
 
 def _check_grid(spec: SpaceSpec) -> None:
     """A grid search takes categorical parameters only, and at most one trial per point."""
-    conditional = [key for key, p in spec.space.items() if p.when]
-    if conditional:
-        rule = f"takes unconditional parameters only; `space.{conditional[0]}` has a condition"
-        raise _broken(spec.source, "search.sampler.kind", "grid", rule)
     ranged = [key for key, p in spec.space.items() if p.type != "categorical"]
     if ranged:
         kind = spec.space[ranged[0]].type
         rule = f"takes categorical parameters only; `space.{ranged[0]}` is a {kind}"
+        raise _broken(spec.source, "search.sampler.kind", "grid", rule)
+    conditional = [key for key, p in spec.space.items() if p.when]
+    if conditional:
+        rule = f"takes unconditional parameters only; `space.{conditional[0]}` has a condition"
         raise _broken(spec.source, "search.sampler.kind", "grid", rule)
     if spec.search.num_samples > (size := grid_size(spec)):
         rule = f"must be <= the grid's {size} combinations"

@@ -124,5 +124,11 @@ def load_study(record: SweepRecord) -> optuna.Study:
 
 
 def load_study_from(storage_url: str, study_name: str) -> optuna.Study:
+    """An existing study, to read: its tables were made and checked when the sweep created
+    it, so neither is done again (that imports Alembic and costs `status` about half a
+    second)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=study_name, storage=storage_url)
+    storage = optuna.storages.RDBStorage(
+        storage_url, skip_compatibility_check=True, skip_table_creation=True
+    )
+    return optuna.load_study(study_name=study_name, storage=storage)
