@@ -28,7 +28,6 @@ from trainer.losses import (
     annealed_temperature,
     correlation_loss,
     dynamic_temperature,
-    ensemble_teachers,
     init_teacher_logits,
     mix_exits,
     multi_exit_loss,
@@ -708,16 +707,16 @@ def test_correlation_loss_positive_when_features_differ():
     assert correlation_loss(f[:-1], f[-1]).item() > 1e-3
 
 
-def test_ensemble_teachers_is_softmax_weighted_sum_of_exits():
+def test_teachers_are_softmax_weighted_sums_of_exits():
     logits = torch.tensor([Z1, Z2])
     a = [[0.0, 1.0], [2.0, -1.0]]
-    t = ensemble_teachers(logits, torch.tensor(a))
+    t = mix_exits(teacher_weights(torch.tensor(a)), logits)
     for j in range(2):
         w = _softmax(a[j])
         for i in range(2):
             assert t[j, i].tolist() == pytest.approx(_mix(w, [Z1[i], Z2[i]]), rel=1e-6)
     # deeper support: teacher 2 may only use exit 2, so it is exit 2 exactly.
-    deeper = ensemble_teachers(logits, torch.tensor(a), support="deeper")
+    deeper = mix_exits(teacher_weights(torch.tensor(a), "deeper"), logits)
     torch.testing.assert_close(deeper[0], t[0])
     torch.testing.assert_close(deeper[1], logits[1])
 

@@ -171,7 +171,7 @@ class LossConfig(_Strict):
     anneal_factor: float = Field(1.05, ge=1.0, le=2.0)
     anneal_max_prob: float = Field(0.5, gt=0.0, lt=1.0)
     primary_weight: float = Field(0.7, ge=0.0, le=1.0)
-    # MATE's ensemble teachers (docs/losses.md): per-sample weights from a self-attention weight
+    # MATE's ensemble teachers (docs/mate.md): per-sample weights from a self-attention weight
     # network over the exits' pooled features (the paper's figure, OKDDip's projections), or
     # a trainable weight vector per teacher (`static`, the earlier reconstruction).
     teacher_weights: Literal["attention", "static"] = "attention"
@@ -187,7 +187,7 @@ class LossConfig(_Strict):
     exit_ce_weight: Literal["one", "one_minus_kd"] = "one"  # the exits' CE: 1 or 1 - lambda
     dtd: DTDConfig | None = None
     teacher_adjust: Literal["none", "lsr", "ps"] = "none"
-    correlation_weight: float = Field(0.0, ge=0.0)  # 0: off; 10 recommended (README)
+    correlation_weight: float = Field(0.0, ge=0.0)  # 0: off; 10 recommended (docs/losses.md)
 
     @field_validator("kd_weight")
     @classmethod

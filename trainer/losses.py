@@ -21,7 +21,7 @@ tests in tests/test_losses.py name the repository, file and commit):
          + lambda r(e) sum_k [mu KL_T(t_k||z_k) + (1-mu)/(K-1) sum_{j!=k} KL_T(t_j||z_k)]
          with ensemble teachers t_j = sum_k w_jk z_k, w_j = softmax over the exits of teacher
          j's scores: per sample from the attention weight network (q_j . k_k of the exits'
-         pooled features) or a static trainable vector a_j. Knobs (docs/losses.md): w_ce 1 or
+         pooled features) or a static trainable vector a_j. Knobs (docs/mate.md): w_ce 1 or
          1 - lambda; the teacher CE absent, on the weights only or reaching the exits; the KL
          targets detached or not; r(e) the ramp-up exp(-5 (1 - e/R)^2). MATE (Sun et al.,
          FITEE 2024) is built from its overview figure and its authors' group's code (OKDDip).
@@ -48,7 +48,6 @@ __all__ = [
     "annealed_temperature",
     "correlation_loss",
     "dynamic_temperature",
-    "ensemble_teachers",
     "init_teacher_logits",
     "mix_exits",
     "multi_exit_loss",
@@ -130,14 +129,6 @@ def mix_exits(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     if weights.dim() == 2:
         return torch.einsum("jk,kbc->jbc", weights, logits)
     return torch.einsum("bjk,kbc->jbc", weights, logits)
-
-
-def ensemble_teachers(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, support: str = "all"
-) -> torch.Tensor:
-    """Teacher logits t_j = sum_k w_jk z_k: [K, B, C] with scores [J, K] or [B, J, K] ->
-    [J, B, C], w from :func:`teacher_weights`."""
-    return mix_exits(teacher_weights(teacher_logits, support), logits)
 
 
 def rampup(epoch: int, epochs: int, fraction: float) -> float:
