@@ -49,14 +49,18 @@ def _compare(workdir, *args: str):
 
 
 def _exit_accuracies(record: SweepRecord, trial) -> list[float]:
-    """Test accuracy of each exit of a trial's final checkpoint, from the logits."""
+    """Test accuracy of each exit of a trial's final checkpoint, then the final exit's
+    accuracy on the trial's training images, from the logits."""
     spec = record.spec()
     job = build_job(spec.job_for(decode_params(spec, trial.params)))
     trial_dir = record.directory / f"trial_{trial.user_attrs[RAY_TRIAL_ID]}"
     load_checkpoint(job, max(trial_dir.glob("checkpoint_*")))
     assert job.epoch == EPOCHS
     logits, _ = predict(job, job.data.test)
-    return (logits.argmax(dim=-1) == job.data.test.labels).float().mean(dim=1).tolist()
+    train_logits, _ = predict(job, job.data.train)
+    train_acc = (train_logits[-1].argmax(dim=-1) == job.data.train.labels).float().mean()
+    test_acc = (logits.argmax(dim=-1) == job.data.test.labels).float().mean(dim=1)
+    return [*test_acc.tolist(), train_acc.item()]
 
 
 def test_compare_groups_trials_by_key_and_judges_each_exit_by_seed(grid_sweep):
@@ -76,8 +80,8 @@ def test_compare_groups_trials_by_key_and_judges_each_exit_by_seed(grid_sweep):
         by_kind[params["loss.kind"]][params["train.seed"]] = _exit_accuracies(record, trial)
     for kind, seeds in by_kind.items():
         assert sorted(t["seed"] for t in groups[kind]["trials"]) == SEEDS
-        for k in range(exits):
-            name = M.exit_acc(k + 1, "test")
+        names = [*(M.exit_acc(k + 1, "test") for k in range(exits)), M.exit_acc(exits, "train")]
+        for k, name in enumerate(names):
             values = [seeds[s][k] for s in SEEDS]
             assert groups[kind]["mean"][name] == pytest.approx(statistics.fmean(values))
             assert groups[kind]["std"][name] == pytest.approx(statistics.stdev(values))
@@ -93,7 +97,9 @@ def test_compare_groups_trials_by_key_and_judges_each_exit_by_seed(grid_sweep):
         assert verdict["outcome"] == outcome
     markdown = (record.directory / "compare-loss.kind.md").read_text()
     assert (
-        "| group | trials | exit 1 |" in markdown and "| mate vs dsn (paired by seed) |" in markdown
+        "| group | trials | exit 1 |" in markdown
+        and f"| exit {exits} (train) |" in markdown
+        and "| mate vs dsn (paired by seed) |" in markdown
     )
     png = (record.directory / "compare-loss.kind.png").read_bytes()
     assert png.startswith(b"\x89PNG")

@@ -128,11 +128,14 @@ def sweeps_table(title: str, rows: Iterable[Sequence[str]]) -> Table:
 
 
 def _metric_header(metric: str) -> str:
-    """``test/exit2/acc`` -> ``exit 2``, ``test/anytime_auc`` -> ``anytime AUC``."""
-    name = metric.removeprefix("test/").removesuffix("/acc")
+    """``test/exit2/acc`` -> ``exit 2``, ``test/anytime_auc`` -> ``anytime AUC``,
+    ``train/exit4/acc`` -> ``exit 4 (train)``."""
+    split, _, name = metric.removesuffix("/acc").partition("/")
     if name.startswith("exit"):
-        return f"exit {name.removeprefix('exit')}"
-    return {"mean_exit_acc": "mean of exits", "anytime_auc": "anytime AUC"}.get(name, name)
+        label = f"exit {name.removeprefix('exit')}"
+    else:
+        label = {"mean_exit_acc": "mean of exits", "anytime_auc": "anytime AUC"}.get(name, name)
+    return label if split == "test" else f"{label} ({split})"
 
 
 def _verdict_text(verdict: Verdict | None) -> str:

@@ -1,8 +1,9 @@
 """``orchestrate compare``: the per-exit table multi-exit papers print, from a finished sweep.
 
 Each COMPLETE trial's final checkpoint (the last one Tune kept in the trial's directory) is
-evaluated once on the test split; the result is cached in ``<sweep>/compare/``, keyed by
-the checkpoint, so a second call reads it without loading torch. Trials are grouped by the
+evaluated once on the test split and, unaugmented, on the trial's own training images (how
+near the network came to fitting them); the result is cached in ``<sweep>/compare/``, keyed
+by the checkpoint, so a second call reads it without loading torch. Trials are grouped by the
 value of one config key and judged against a reference group by the rules of
 :mod:`orchestrator.selection.groups`. The table is written as Markdown and JSON beside a
 figure of test accuracy against GFLOPs per exit, one line per group.
@@ -32,6 +33,7 @@ from trainer.config import ConfigError, JobConfig
 __all__ = ["Comparison", "compare", "compared_metrics"]
 
 _FILES = ("md", "json", "png")  # compare-<key>.<ext>: the table, its data, the figure
+_CACHE_FORMAT = 2  # 2: training-image metrics beside the test ones
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,13 @@ class Comparison:
 
 
 def compared_metrics(num_exits: int) -> list[str]:
-    """The columns: test accuracy per exit, of the ensemble, their mean and the anytime AUC."""
+    """The columns: test accuracy per exit, of the ensemble, their mean and the anytime AUC,
+    then the final exit's accuracy on the training images."""
     per_exit = [M.exit_acc(k, "test") for k in range(1, num_exits + 1)]
     return [
         *per_exit,
         *(M.with_split(m, "test") for m in (M.ENSEMBLE_ACC, M.MEAN_EXIT_ACC, M.ANYTIME_AUC)),
+        M.exit_acc(num_exits, "train"),
     ]
 
 
@@ -82,7 +86,8 @@ def _final_checkpoint(record: SweepRecord, trial: optuna.trial.FrozenTrial) -> P
 
 
 def _evaluate_checkpoint(cfg: JobConfig, checkpoint: Path) -> dict[str, float]:
-    """Test metrics and cumulative GFLOPs per exit of a trial's final checkpoint."""
+    """Test and training-image metrics and cumulative GFLOPs per exit of a trial's final
+    checkpoint."""
     # Lazy: torch loads only when a trial has no cached result, so a repeated comparison is
     # instant.
     from trainer.engine import build_job, evaluate, load_checkpoint, model_metrics  # noqa: PLC0415
@@ -91,7 +96,11 @@ def _evaluate_checkpoint(cfg: JobConfig, checkpoint: Path) -> dict[str, float]:
     load_checkpoint(job, checkpoint)
     if job.epoch != cfg.train.epochs:
         raise ConfigError(f"{checkpoint} is from epoch {job.epoch} of {cfg.train.epochs}")
-    return {**evaluate(job, job.data.test, "test"), **model_metrics(job)}
+    return {
+        **evaluate(job, job.data.test, "test"),
+        **evaluate(job, job.data.train, "train"),
+        **model_metrics(job),
+    }
 
 
 def _cached_metrics(
@@ -103,13 +112,18 @@ def _cached_metrics(
     checkpoint = _final_checkpoint(record, trial)
     cache = record.directory / COMPARE_DIR / f"trial-{trial.number}.json"
     key = str(checkpoint.relative_to(record.directory))
-    if cache.is_file() and (stored := json.loads(cache.read_text()))["checkpoint"] == key:
-        return stored["metrics"]
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["checkpoint"] == key and stored.get("format") == _CACHE_FORMAT:
+            return stored["metrics"]
     on_evaluate(trial.number)
     metrics = _evaluate_checkpoint(cfg, checkpoint)
     cache.parent.mkdir(exist_ok=True)
     partial = cache.with_suffix(".partial")
-    partial.write_text(json.dumps({"checkpoint": key, "metrics": metrics}, indent=1) + "\n")
+    partial.write_text(
+        json.dumps({"format": _CACHE_FORMAT, "checkpoint": key, "metrics": metrics}, indent=1)
+        + "\n"
+    )
     partial.replace(cache)
     return metrics
 
