@@ -12,6 +12,10 @@
   starts again on the same port.
 
 The tests read the result back from Optuna, MLflow, Tune's trial directories and `status`.
+
+A second sweep (4 digits trials of 3 epochs, TPE and pruning as shipped) keeps its Optuna
+study in a throwaway PostgreSQL cluster, stopped with ``pg_ctl stop -m fast`` once the study
+has an epoch and started again two trial epochs (at least 10 s) later.
 """
 
 from __future__ import annotations

@@ -4,8 +4,12 @@ Optuna's ``RDBStorage`` raises at the first failed connection, and the searcher 
 study for every decision, so a database restart would end the sweep. :class:`PatientRDBStorage`
 repeats each storage call while the database does not answer: it says so once on the
 terminal, waits with backoff, says when the database is back, and after
-``MATE_STUDY_DB_WAIT_S`` seconds (default 600) gives up with one line. Pooled connections are
-checked before use (``pool_pre_ping``), so a restart between two calls goes unnoticed.
+``MATE_STUDY_DB_WAIT_S`` seconds (default 600) gives up, raising
+:class:`~orchestrator.entities.errors.StoreUnavailable` (the command line prints its one
+line). The outage is one per database in a process: every storage on it (the searcher's, the
+callbacks') waits out the same deadline, and once it has passed, fails at once. Pooled
+connections are checked before use (``pool_pre_ping``), so a restart between two calls goes
+unnoticed.
 
 A call is repeated whole. Reads, and writes that store a value under a key (an epoch's
 intermediate value, an attribute, a parameter: Optuna upserts them), can be repeated as they
@@ -35,21 +39,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from orchestrator.entities.credentials import mask
 from orchestrator.entities.env import STUDY_DB_WAIT
+from orchestrator.entities.errors import StoreUnavailable
 from orchestrator.rendering.console import console
 from orchestrator.stores.preflight import error_reason
 from trainer.config import ConfigError
 
-__all__ = ["TOKEN_ATTR", "PatientRDBStorage", "StudyStorageUnavailable", "wait_seconds"]
+__all__ = ["TOKEN_ATTR", "PatientRDBStorage", "wait_seconds"]
 
 T = TypeVar("T")
 
 TOKEN_ATTR = "orchestrator:token"  # system attribute: which `ask` created the trial
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.5, 5.0
 _calls = threading.local()  # `depth`: retried calls in progress on this thread
-
-
-class StudyStorageUnavailable(RuntimeError):
-    """The study's database did not answer within ``MATE_STUDY_DB_WAIT_S`` seconds."""
+_outages: dict[str, float] = {}  # masked database URL -> when it stopped answering
+_outages_lock = threading.Lock()
 
 
 def wait_seconds() -> float:
@@ -128,35 +131,46 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
             _calls.depth = 0
 
     def _repeat(self, call: Callable[[], T], took_effect: Callable[[], T | None]) -> T:
-        since, delay = None, _RETRY_FIRST_S
+        failed, delay = False, _RETRY_FIRST_S
         while True:
             try:
-                result = None if since is None else took_effect()
+                result = took_effect() if failed else None
                 if result is None:
                     result = call()
             except Exception as err:
                 if not unreachable(err):
                     raise
-                reason, now = error_reason(_database_error(err)), time.monotonic()
-                if since is None:
-                    since = now
-                    _say(
-                        f"the study's database {self.masked_url} does not answer "
-                        f"({reason}); waiting up to {self.wait_s:.0f} s for it"
-                    )
-                elif now - since >= self.wait_s:
-                    message = (
+                failed, reason = True, error_reason(_database_error(err))
+                waited = self._outage_began(reason)
+                if waited >= self.wait_s:
+                    raise StoreUnavailable(
                         f"the study's database {self.masked_url} did not answer for "
-                        f"{self.wait_s:.0f} s ({reason}); giving up"
-                    )
-                    _say(message)
-                    raise StudyStorageUnavailable(message) from err
-                time.sleep(min(delay, max(0.0, since + self.wait_s - now)))
+                        f"{waited:.0f} s ({reason}); giving up"
+                    ) from err
+                time.sleep(min(delay, self.wait_s - waited))
                 delay = min(2 * delay, _RETRY_MAX_S)
                 continue
-            if since is not None:
-                _say(f"the study's database is back after {time.monotonic() - since:.0f} s")
+            self._outage_ended()
             return result
+
+    def _outage_began(self, reason: str) -> float:
+        """Seconds since the database stopped answering; the first call to find it so says
+        so on the terminal."""
+        now = time.monotonic()
+        with _outages_lock:
+            since = _outages.setdefault(self.masked_url, now)
+        if since == now:
+            _say(
+                f"the study's database {self.masked_url} does not answer ({reason}); "
+                f"waiting up to {self.wait_s:.0f} s for it"
+            )
+        return now - since
+
+    def _outage_ended(self) -> None:
+        with _outages_lock:
+            since = _outages.pop(self.masked_url, None)
+        if since is not None:
+            _say(f"the study's database is back after {time.monotonic() - since:.0f} s")
 
     def _create_new_trial(
         self, study_id: int, template_trial: FrozenTrial | None = None
