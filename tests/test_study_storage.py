@@ -63,15 +63,19 @@ def test_an_ask_and_a_tell_whose_answers_were_lost_are_not_repeated(storage, cap
     assert all(line.startswith("the study's database is back after") for line in lines[1::2])
 
 
-def test_a_sweep_study_asks_and_tells_through_it(storage):
+def test_a_study_asks_suggests_reports_and_tells_once_through_lost_answers(storage):
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    trial = study.ask()
-    trial.suggest_float("x", 0.0, 1.0)
+    with answer_lost_once(storage):
+        trial = study.ask()
+    with answer_lost_once(storage):
+        x = trial.suggest_float("x", 0.0, 1.0)
     with answer_lost_once(storage):
         trial.report(0.25, step=1)
-    study.tell(trial, 0.75)
+    with answer_lost_once(storage):
+        study.tell(trial, 0.75)
     (frozen,) = optuna.load_study(study_name="s", storage=storage.url).trials
-    assert frozen.intermediate_values == {1: 0.25} and frozen.value == 0.75
+    assert (frozen.params, frozen.intermediate_values) == ({"x": x}, {1: 0.25})
+    assert (frozen.state, frozen.value) == (State.COMPLETE, 0.75)
 
 
 def test_a_database_that_stays_down_ends_the_wait_with_one_line(monkeypatch, capsys):
