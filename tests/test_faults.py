@@ -12,18 +12,26 @@
   starts again on the same port.
 
 The tests read the result back from Optuna, MLflow, Tune's trial directories and `status`.
+
+A second sweep (4 digits trials of 3 epochs, TPE and pruning as shipped) keeps its Optuna
+study in a throwaway PostgreSQL cluster, stopped with ``pg_ctl stop -m fast`` once the study
+has an epoch and started again two trial epochs (at least 10 s) later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -35,7 +43,15 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.entities.sweep import SweepRecord
-from sweep_helpers import DIGITS_SPACE, child_runs, postgres_databases, ray_temp_dir, study_trials
+from sweep_helpers import (
+    DIGITS_SPACE,
+    child_runs,
+    postgres_databases,
+    ray_temp_dir,
+    short_digits_space,
+    study_trials,
+    sweep_args,
+)
 from trainer import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -275,3 +291,159 @@ def test_outage_of_the_tracking_server_loses_and_repeats_nothing(faulty_sweep):
     artifacts = [a.path for a in client.list_artifacts(best, "checkpoint")]
     assert artifacts == ["checkpoint/anytime.json", "checkpoint/checkpoint.pt"]
     assert not (record.directory / "tracking-journal.jsonl").exists(), "writes left unapplied"
+
+
+# -- the Optuna study's database stopped and started again mid-sweep -----------------------
+
+DB_EPOCHS = 3
+DB_SAMPLES = 4
+MIN_OUTAGE_S = 10.0  # and at least two trial epochs (the first epoch's time, measured)
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (TCP only, trust authentication) of the
+    local installation, stopped and started as an operator would (``pg_ctl stop -m fast``)
+    without touching the shared one; run as user ``postgres`` when the tests run as root."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        initdb = found[-1] if found else shutil.which("initdb")
+        if initdb is None:
+            pytest.skip("no PostgreSQL server installed (initdb)")
+        self.bin = Path(initdb).parent
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.root = Path(tempfile.mkdtemp(prefix="mt-pg-", dir="/tmp"))
+        self.data = self.root / "data"
+        if self.user:
+            shutil.chown(self.root, self.user)
+        self.port = _free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._pg("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        settings = f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+        settings += "unix_socket_directories = ''\nfsync = off\n"
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(settings)
+
+    def _pg(self, *command: str) -> None:
+        subprocess.run(
+            [str(self.bin / command[0]), *command[1:]],
+            check=True,
+            capture_output=True,
+            user=self.user,
+            cwd=self.root,
+        )
+
+    def start(self) -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        """Fast shutdown: open sessions are ended, clients see "terminating connection"."""
+        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _told_epochs(url: str, sweep_dir: Path) -> int:
+    """Epochs the study has been told so far (0 before the sweep has recorded itself, just
+    after it created the study)."""
+    if not (sweep_dir / "sweep.json").exists():
+        return 0
+    storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    try:
+        trials = optuna.load_study(study_name=sweep_dir.name, storage=storage).trials
+        return sum(len(t.intermediate_values) for t in trials)
+    finally:
+        storage.engine.dispose()
+
+
+def _first_results(sweep_dir: Path) -> list[dict]:
+    """The first result of every trial that has one in Tune's records."""
+    return [r[0] for d in _trial_dirs(sweep_dir).values() if (r := _results(d)[:1])]
+
+
+@pytest.fixture(scope="module")
+def study_db_restart(tmp_path_factory):
+    """A digits sweep whose study is in PostgreSQL, the database stopped once the study has
+    an epoch and started again two trial epochs (at least MIN_OUTAGE_S) later."""
+    workdir = tmp_path_factory.mktemp("study-db")
+    space = short_digits_space(workdir, max_epochs=DB_EPOCHS, num_samples=DB_SAMPLES)
+    data = yaml.safe_load(space.read_text())
+    data["base"]["train"]["epochs"] = DB_EPOCHS
+    space.write_text(yaml.safe_dump(data))
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        with ray_temp_dir() as ray_dir:
+            yield _run_with_db_restart(workdir, space, cluster, ray_dir)
+    finally:
+        cluster.remove()
+
+
+def _run_with_db_restart(workdir: Path, space: Path, db: PostgresCluster, ray_dir: str) -> dict:
+    command = [str(BIN / "orchestrate"), "launch", "--space", str(space)]
+    command += [*sweep_args(workdir, "dbdown"), "--study-storage", db.url]
+    launch = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    sweep_dir = workdir / "sweeps" / "dbdown"
+    try:
+        _wait(lambda: _told_epochs(db.url, sweep_dir) >= 1, launch, "the first epoch")
+        firsts = _wait(lambda: _first_results(sweep_dir), launch, "a first result")
+        epoch_s = max(r["time_this_iter_s"] for r in firsts)
+        db.stop()
+        stopped = time.monotonic()
+        time.sleep(max(MIN_OUTAGE_S, 2 * epoch_s))
+        db.start()
+        restarted = datetime.now()
+        outage_s = time.monotonic() - stopped
+        output, _ = launch.communicate(timeout=TIMEOUT)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    return {
+        "returncode": launch.returncode,
+        "output": output,
+        "outage_s": outage_s,
+        "restarted": restarted,
+        "record": SweepRecord.load("dbdown", workdir / "sweeps"),
+    }
+
+
+def test_restart_of_the_study_database_loses_and_repeats_nothing(study_db_restart):
+    output, record = study_db_restart["output"], study_db_restart["record"]
+    assert study_db_restart["returncode"] == 0, output
+    assert "the study's database postgresql://postgres@127.0.0.1" in output
+    assert "does not answer" in output and "is back after" in output, output
+    assert "Traceback" not in output, output
+
+    trials = study_trials(record)
+    assert [t.number for t in trials] == list(range(DB_SAMPLES))  # none lost, none extra
+    assert {t.state for t in trials} <= {State.COMPLETE, State.PRUNED}, trials
+    assert any(t.datetime_start > study_db_restart["restarted"] for t in trials), (
+        "no trial was asked for after the restart"
+    )
+    for t in trials:
+        assert "optim.lr" in t.params and "error" not in t.user_attrs
+        last = DB_EPOCHS if t.state == State.COMPLETE else max(t.intermediate_values)
+        assert sorted(t.intermediate_values) == list(range(1, last + 1)), t.number
+
+    client = MlflowClient(record.tracking_uri)
+    runs = _runs_by_number(record)
+    assert sorted(runs) == [t.number for t in trials]
+    epoch_times = []
+    for t in trials:
+        run = runs[t.number]
+        assert run.info.status == ("FINISHED" if t.state == State.COMPLETE else "KILLED")
+        history = client.get_metric_history(run.info.run_id, M.MEAN_EXIT_ACC)
+        assert sorted(m.step for m in history) == sorted(t.intermediate_values), t.number
+        assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
+        epoch_times += [m.value for m in client.get_metric_history(run.info.run_id, M.EPOCH_TIME)]
+    assert study_db_restart["outage_s"] >= 2 * max(epoch_times), "down for under two epochs"

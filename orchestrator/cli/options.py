@@ -1,5 +1,5 @@
-"""What every command shares: one-line input errors (exit status 2), the store options, and
-plain output lines."""
+"""What every command shares: one-line input errors (exit status 2) and store outages (exit
+status 1), the store options, and plain output lines."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from orchestrator.entities.env import STUDY_STORAGE, SWEEP_STORAGE, TRACKING_URI
+from orchestrator.entities.errors import StoreUnavailable
 from orchestrator.rendering.console import console
 from trainer.config import ConfigError
 from trainer.data.errors import DataError
@@ -115,7 +116,8 @@ def say(text: str) -> None:
 
 
 def fail_on_input_errors(fn: F) -> F:
-    """Turn ConfigError/DataError raised by a command into exit status 2."""
+    """Turn ConfigError/DataError raised by a command into exit status 2, and a store whose
+    wait ran out (StoreUnavailable) into its one line and exit status 1."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -123,5 +125,7 @@ def fail_on_input_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (ConfigError, DataError) as err:
             raise InputError(str(err)) from None
+        except StoreUnavailable as err:
+            raise click.ClickException(str(err)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 __all__ = [
     "LIBRARY_DEFAULTS",
     "RAY_ADDRESS",
+    "STUDY_DB_WAIT",
     "STUDY_STORAGE",
     "SWEEP_STORAGE",
     "TRACKING_URI",
@@ -31,6 +32,8 @@ class EnvVar:
 
 TRACKING_URI = EnvVar("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
 STUDY_STORAGE = EnvVar("MATE_STUDY_STORAGE")  # unset: optuna.db in the sweep directory
+# Seconds a sweep waits for its study's database to answer again before it gives up.
+STUDY_DB_WAIT = EnvVar("MATE_STUDY_DB_WAIT_S", "600")
 SWEEP_STORAGE = EnvVar("MATE_SWEEP_STORAGE", "sweeps")
 RAY_ADDRESS = EnvVar("RAY_ADDRESS")  # unset: a local Ray on 127.0.0.1
 

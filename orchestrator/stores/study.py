@@ -10,6 +10,7 @@ import optuna
 
 from orchestrator.entities.space import SpaceSpec, decode_params, encode_choice, pruner_note
 from orchestrator.entities.sweep import SweepRecord
+from orchestrator.stores.study_storage import PatientRDBStorage
 
 __all__ = [
     "load_study",
@@ -18,6 +19,7 @@ __all__ = [
     "make_sampler",
     "open_study",
     "optuna_distributions",
+    "reading_storage",
     "suggest_params",
 ]
 
@@ -101,11 +103,12 @@ def make_pruner(spec: SpaceSpec) -> optuna.pruners.BasePruner:
 
 
 def open_study(spec: SpaceSpec, storage_url: str, study_name: str) -> optuna.Study:
-    """Create or load the sweep's study in RDB storage, its objectives named after the
-    metrics (Optuna's plots, optuna-dashboard and the report show the names)."""
+    """Create or load the sweep's study in RDB storage that waits for a database that is
+    down (:mod:`orchestrator.stores.study_storage`), its objectives named after the metrics
+    (Optuna's plots, optuna-dashboard and the report show the names)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=optuna.storages.RDBStorage(storage_url),
+        storage=PatientRDBStorage(storage_url),
         study_name=study_name,
         directions=["maximize" if mode == "max" else "minimize" for mode in spec.search.modes],
         sampler=make_sampler(spec),
@@ -124,11 +127,13 @@ def load_study(record: SweepRecord) -> optuna.Study:
 
 
 def load_study_from(storage_url: str, study_name: str) -> optuna.Study:
-    """An existing study, to read: its tables were made and checked when the sweep created
-    it, so neither is done again (that imports Alembic and costs `status` about half a
-    second)."""
+    """An existing study, to read (:func:`reading_storage`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(
-        storage_url, skip_compatibility_check=True, skip_table_creation=True
-    )
-    return optuna.load_study(study_name=study_name, storage=storage)
+    return optuna.load_study(study_name=study_name, storage=reading_storage(storage_url))
+
+
+def reading_storage(storage_url: str) -> PatientRDBStorage:
+    """The storage of existing studies: its tables were made and checked when the sweep
+    created its study, so neither is done again (that imports Alembic and costs `status`
+    about half a second)."""
+    return PatientRDBStorage(storage_url, skip_compatibility_check=True, skip_table_creation=True)

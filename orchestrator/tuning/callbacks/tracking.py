@@ -28,7 +28,7 @@ from ray.tune import Callback
 from orchestrator.entities.credentials import MaskedWhenPickled
 from orchestrator.entities.names import ERROR, PRUNED_TAG, RAY_TRIAL_ID, SWEEP_TAG, TRIAL_NUMBER
 from orchestrator.entities.sweep import SweepTarget
-from orchestrator.stores.study import load_study_from
+from orchestrator.stores.study import load_study_from, reading_storage
 from orchestrator.stores.tracking.figures import FIGURES_OP
 from orchestrator.stores.tracking.runs import flatten, now_ms
 from orchestrator.stores.tracking.summary import flush_writer, open_writer, summarize_sweep
@@ -77,7 +77,7 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
     def _outcome(self, number: int) -> tuple[optuna.trial.TrialState, str | None]:
         """The study's state of trial `number` and why it failed, if it did."""
         if self._storage is None:
-            self._storage = optuna.storages.RDBStorage(self.target.revealed().study_storage)
+            self._storage = reading_storage(self.target.revealed().study_storage)
         study_id = self._storage.get_study_id_from_name(self.target.name)
         frozen = self._storage.get_trial(
             self._storage.get_trial_id_from_study_id_trial_number(study_id, number)

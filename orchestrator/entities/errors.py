@@ -1,0 +1,10 @@
+"""Errors the command line catches by class, free of the store libraries so that catching
+them costs nothing (as ``trainer.data.errors`` does for ``DataError``)."""
+
+from __future__ import annotations
+
+__all__ = ["StoreUnavailable"]
+
+
+class StoreUnavailable(RuntimeError):
+    """A store stopped answering and the wait for it ran out (its message: one line)."""
