@@ -67,7 +67,7 @@ from orchestrator.stores.tracking.runs import ensure_experiment
 from orchestrator.tuning.callbacks.tracking import MlflowTrackingCallback
 from orchestrator.tuning.cluster import init_ray
 from orchestrator.tuning.searcher import OptunaSearcher
-from orchestrator.tuning.tuner import trial_dirname
+from orchestrator.tuning.tuner import trial_dirname, trial_param_space
 from orchestrator.workflows.launch import launch, prepare
 from trainer import metrics as M
 from trainer.engine import build_job, evaluate, fit, train_one_epoch
@@ -252,7 +252,7 @@ def run_bare(workdir: Path, epochs: int, index: int) -> SweepRun:
         start = time.perf_counter()
         tune.Tuner(
             tune.with_resources(bare_job, {"cpu": 1}),
-            param_space={"job": spec.job_for({}).to_dict()},
+            param_space=trial_param_space(spec),
             tune_config=tune.TuneConfig(
                 num_samples=TRIALS, trial_dirname_creator=trial_dirname, reuse_actors=True
             ),
@@ -326,7 +326,7 @@ def record_results(workdir: Path, epochs: int) -> ResultRecorder:
     recorder = ResultRecorder()
     tune.Tuner(
         tune.with_resources(train_job, {"cpu": 1}),
-        param_space={"job": spec.job_for({}).to_dict()},
+        param_space=trial_param_space(spec),
         tune_config=tune.TuneConfig(num_samples=1, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name="record", storage_path=str(workdir / "sweeps"), callbacks=[recorder], verbose=0

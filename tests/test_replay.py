@@ -15,6 +15,7 @@ from ray import cloudpickle, tune
 from orchestrator.entities.space import decode_params, grid_size
 from orchestrator.tuning.scheduler import OptunaPruningScheduler
 from orchestrator.tuning.searcher import OptunaSearcher
+from orchestrator.tuning.tuner import trial_param_space
 from trainer import metrics as M
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -45,7 +46,7 @@ def test_replayed_trials_report_exactly_the_recorded_curves(local_ray, tmp_path)
     cloudpickle.register_pickle_by_value(replay)  # Ray's workers cannot import bench/
     tune.Tuner(
         tune.with_parameters(replay.replay_trial, curves=curves),
-        param_space={"job": spec.job_for({}).to_dict()},
+        param_space=trial_param_space(spec),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=OptunaPruningScheduler(searcher), num_samples=4
         ),

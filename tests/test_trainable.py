@@ -1,6 +1,8 @@
 import pytest
 from ray import tune
 
+from orchestrator.entities.space import parse_space
+from orchestrator.tuning.tuner import trial_param_space
 from trainer import metrics as M
 from trainer.config import ConfigError, parse_job_config
 from trainer.trainable import job_config_from_trial, train_job
@@ -19,6 +21,27 @@ def test_job_config_from_trial_applies_overrides():
     cfg = job_config_from_trial({"job": TINY_JOB, "overrides": {"loss.temperature": 5.0}})
     assert cfg.loss.temperature == 5.0
     assert cfg.model.exits == [2, 4]
+
+
+@pytest.mark.parametrize("kind", ["byot", "phuong_lampert"])  # (eed shares MATE's lambda, T)
+def test_a_trial_that_switches_the_loss_kind_gets_that_kinds_defaults(kind):
+    """The sweep's base job is MATE (its defaults: kd_weight 1, T 3); a trial the searcher
+    switches to another kind trains with that kind's reference defaults, not MATE's."""
+    base = {
+        "dataset": {"name": "digits"},
+        "model": {"arch": "convnet", "exits": [2, 4]},
+        "loss": {"kind": "mate"},
+    }
+    space = {
+        "base": base,
+        "search": {"metric": M.MEAN_EXIT_ACC, "mode": "max", "num_samples": 2},
+        "space": {"loss.kind": {"type": "categorical", "choices": ["mate", kind]}},
+    }
+    config = {**trial_param_space(parse_space(space, "test")), "overrides": {"loss.kind": kind}}
+    alone = parse_job_config({**base, "loss": {"kind": kind}})
+    mates = parse_job_config(base).loss
+    assert job_config_from_trial(config).loss == alone.loss
+    assert (alone.loss.kd_weight, alone.loss.temperature) != (mates.kd_weight, mates.temperature)
 
 
 def test_job_config_from_trial_rejects_unknown_override():

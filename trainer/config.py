@@ -6,7 +6,6 @@ raise :class:`ConfigError` with a single line that names the dotted key.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Mapping
@@ -272,6 +271,12 @@ class JobConfig(_Strict):
         """Plain, YAML/JSON-serialisable dict (the resolved config)."""
         return self.model_dump(mode="json")
 
+    def explicit_dict(self) -> dict[str, Any]:
+        """Only the keys set explicitly (by the file, by overrides), as a plain dict: parsed
+        again with overrides (:func:`apply_overrides`), the defaults that follow other keys
+        are resolved anew, so a trial that switches ``loss.kind`` gets that kind's defaults."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -377,7 +382,7 @@ def apply_overrides(
     Overrides apply to what was set explicitly, so defaults that depend on other keys
     (``loss.kd_weight`` follows ``loss.kind``) are resolved again.
     """
-    data = copy.deepcopy(base.model_dump(mode="json", exclude_unset=True))
+    data = base.explicit_dict()
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         cls: type[BaseModel] | None = JobConfig

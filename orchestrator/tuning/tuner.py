@@ -26,6 +26,7 @@ __all__ = [
     "restore_tuner",
     "sweep_tuner",
     "trial_dirname",
+    "trial_param_space",
     "trial_resources",
 ]
 
@@ -55,6 +56,13 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def trial_param_space(spec: SpaceSpec) -> dict[str, Any]:
+    """What every trial's config starts from: the base job's explicitly set keys, so that
+    the searcher's overrides resolve the defaults that follow them (``loss.kind``'s) anew
+    (:func:`trainer.trainable.job_config_from_trial`)."""
+    return {"job": spec.job_for({}).explicit_dict()}
+
+
 def build_tuner(
     trainable: Callable[[dict[str, Any]], None],
     spec: SpaceSpec,
@@ -73,7 +81,7 @@ def build_tuner(
     `max_concurrent` at once, retried from their checkpoints, the two latest kept."""
     return tune.Tuner(
         tune.with_resources(trainable, trial_resources(spec, gpus)),
-        param_space={"job": spec.job_for({}).to_dict()},
+        param_space=trial_param_space(spec),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent),
             scheduler=scheduler,
