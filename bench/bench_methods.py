@@ -92,7 +92,8 @@ def main() -> None:
     print(machine())
     print(
         f"CIFAR-10 JPEG, resnet20 with exits after blocks 3, 5, 7, 9; train_fraction "
-        f"{args.train_fraction} of the 90% not held out for validation, {args.epochs} epochs, "
+        f"{args.train_fraction} of the {1 - args.val_fraction:.0%} not held out for validation, "
+        f"{args.epochs} epochs, "
         f"batch 128, SGD lr 0.1 cosine; seeds {seeds}; each kind at its defaults; sweep "
         f"{sweep_minutes:.1f} min, 2 trials at a time; test: 10,000 images"
     )

@@ -96,11 +96,9 @@ def _evaluate_checkpoint(cfg: JobConfig, checkpoint: Path) -> dict[str, float]:
     load_checkpoint(job, checkpoint)
     if job.epoch != cfg.train.epochs:
         raise ConfigError(f"{checkpoint} is from epoch {job.epoch} of {cfg.train.epochs}")
-    return {
-        **evaluate(job, job.data.test, "test"),
-        **evaluate(job, job.data.train, "train"),
-        **model_metrics(job),
-    }
+    train = evaluate(job, job.data.train, "train")  # only its split's metrics: MATE's teacher
+    train = {k: v for k, v in train.items() if k.startswith("train/")}  # weights are the test's
+    return {**evaluate(job, job.data.test, "test"), **train, **model_metrics(job)}
 
 
 def _cached_metrics(
