@@ -58,6 +58,20 @@ pytestmark = pytest.mark.slow
 
 State = optuna.trial.TrialState
 BIN = Path(sys.executable).parent
+
+
+def _start(command: list[str], workdir: Path, ray_dir: str) -> subprocess.Popen:
+    """`orchestrate launch` in its own process on a local Ray under `ray_dir`."""
+    return subprocess.Popen(
+        command,
+        cwd=workdir,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 EPOCHS = 4
 NUM_SAMPLES = 4
 SEED = 4  # random sampling gives: trial 0 and 1 clean, 2 NaN, 3 cuda:99
@@ -177,14 +191,7 @@ def _run_with_faults(workdir: Path, server: MlflowServer, ray_dir: str) -> dict:
     command = [str(BIN / "orchestrate"), "launch", "--space", str(_space(workdir))]
     command += ["--name", "faults", "--storage", str(workdir / "sweeps")]
     command += ["--tracking-uri", server.url]
-    launch = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launch = _start(command, workdir, ray_dir)
     sweep_dir = workdir / "sweeps" / "faults"
     try:
         victim = _wait(lambda: _trial_dirs(sweep_dir).get(0), launch, "trial 0")
@@ -385,14 +392,7 @@ def study_db_restart(tmp_path_factory):
 def _run_with_db_restart(workdir: Path, space: Path, db: PostgresCluster, ray_dir: str) -> dict:
     command = [str(BIN / "orchestrate"), "launch", "--space", str(space)]
     command += [*sweep_args(workdir, "dbdown"), "--study-storage", db.url]
-    launch = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launch = _start(command, workdir, ray_dir)
     sweep_dir = workdir / "sweeps" / "dbdown"
     try:
         _wait(lambda: _told_epochs(db.url, sweep_dir) >= 1, launch, "the first epoch")
