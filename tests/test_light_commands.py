@@ -1,7 +1,7 @@
 """The commands that only read stay light: `orchestrate --help`, `status` (with and without a
 sweep name) and `validate` load neither torch nor Ray nor MLflow, and only `status`, which
-reads the study, loads Optuna. Each runs in a fresh interpreter that says, on exit, which of
-those libraries it imported."""
+reads the study, loads Optuna, but not the Alembic of Optuna's schema checks. Each runs in a
+fresh interpreter that says, on exit, which of those libraries it imported."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from orchestrator.entities.sweep import SweepRecord
 from orchestrator.stores.study import open_study
 from sweep_helpers import DIGITS_SPACE
 
-HEAVY = ("torch", "ray", "mlflow", "optuna")
+HEAVY = ("torch", "ray", "mlflow", "optuna", "alembic")
 # Runs `orchestrate ARGS...` and prints the heavy libraries it loaded, also when it exits.
 _WRAPPER = f"""
 import atexit, sys

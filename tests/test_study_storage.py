@@ -9,6 +9,7 @@ commit (the connection "drops" right after a commit, once).
 from __future__ import annotations
 
 import contextlib
+import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy
 
 from orchestrator.entities.errors import StoreUnavailable
-from orchestrator.stores.study_storage import TOKEN_ATTR, PatientRDBStorage
+from orchestrator.stores.study_storage import TOKEN_ATTR, PatientRDBStorage, ReadingRDBStorage
 from trainer.config import ConfigError
 
 State = optuna.trial.TrialState
@@ -76,6 +77,25 @@ def test_a_study_asks_suggests_reports_and_tells_once_through_lost_answers(stora
     (frozen,) = optuna.load_study(study_name="s", storage=storage.url).trials
     assert (frozen.params, frozen.intermediate_values) == ({"x": x}, {1: 0.25})
     assert (frozen.state, frozen.value) == (State.COMPLETE, 0.75)
+
+
+def test_a_reading_storage_reads_the_study_and_waits_as_the_sweeps_own(storage, monkeypatch):
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.5})
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    reading = ReadingRDBStorage(storage.url)
+    for copy in (reading, pickle.loads(pickle.dumps(reading))):  # unpickled: a full one
+        read = optuna.load_study(study_name="s", storage=copy)
+        assert [t.params for t in read.trials] == [t.params for t in study.trials]
+        assert read.best_value == study.best_value == 0.5
+    assert reading._version_manager is None  # no Alembic: the point of it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"postgresql://127.0.0.1:{s.getsockname()[1]}/study"
+    monkeypatch.setenv("MATE_STUDY_DB_WAIT_S", "1")
+    down = ReadingRDBStorage(url)  # connects at the first call
+    with pytest.raises(StoreUnavailable, match="did not answer for 1 s"):
+        down.get_study_id_from_name("s")
 
 
 def test_a_database_that_stays_down_ends_the_wait_with_one_line(monkeypatch, capsys):

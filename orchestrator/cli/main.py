@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 
 import click
@@ -21,6 +23,9 @@ def main() -> None:
     # MLflow prints a link for every run it ends, made of the tracking URI (and any password
     # in it); the commands print their own summaries.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # At exit, Python's last garbage collection walks every object the imports made: a fifth
+    # of a second of a read-only command. Frozen objects are left to the process's end.
+    atexit.register(gc.freeze)
 
 
 _COMMANDS = (train, validate, launch, resume, status, promote, ui, report, compare, dashboard)

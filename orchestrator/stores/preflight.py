@@ -18,7 +18,6 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import requests
 import sqlalchemy
 
 from orchestrator.entities.credentials import mask
@@ -155,6 +154,8 @@ def _check_mlflow_server(url: str, option: str) -> None:
     """An MLflow tracking server answers ``GET /version``."""
     if not urlsplit(url).hostname:
         raise ConfigError(f"{option} is {mask(url)!r}, but names no host")
+    import requests  # noqa: PLC0415  (lazy: a sweep on files, and `status`, need no HTTP client)
+
     try:
         reply = requests.get(f"{url.rstrip('/')}/version", timeout=CONNECT_TIMEOUT_S)
     except requests.RequestException as err:

@@ -10,7 +10,7 @@ import optuna
 
 from orchestrator.entities.space import SpaceSpec, decode_params, encode_choice, pruner_note
 from orchestrator.entities.sweep import SweepRecord
-from orchestrator.stores.study_storage import PatientRDBStorage
+from orchestrator.stores.study_storage import PatientRDBStorage, ReadingRDBStorage
 
 __all__ = [
     "load_study",
@@ -132,8 +132,7 @@ def load_study_from(storage_url: str, study_name: str) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=reading_storage(storage_url))
 
 
-def reading_storage(storage_url: str) -> PatientRDBStorage:
-    """The storage of existing studies: its tables were made and checked when the sweep
-    created its study, so neither is done again (that imports Alembic and costs `status`
-    about half a second)."""
-    return PatientRDBStorage(storage_url, skip_compatibility_check=True, skip_table_creation=True)
+def reading_storage(storage_url: str) -> ReadingRDBStorage:
+    """The storage of existing studies, connected without Optuna's schema checks
+    (:class:`~orchestrator.stores.study_storage.ReadingRDBStorage`)."""
+    return ReadingRDBStorage(storage_url)

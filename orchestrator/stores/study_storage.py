@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+import sqlalchemy.orm
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
@@ -241,3 +242,30 @@ for _name in (
     "_get_stale_trial_ids",
 ):
     setattr(PatientRDBStorage, _name, _patient(getattr(optuna.storages.RDBStorage, _name)))
+
+
+class ReadingRDBStorage(PatientRDBStorage):
+    """A :class:`PatientRDBStorage` of studies that exist: their tables were made and their
+    schema checked when the sweep created its study, so it connects without doing either.
+
+    Optuna's constructor always builds a schema version manager, which imports and configures
+    Alembic even when told to skip the check (a quarter of a second of ``orchestrate
+    status``). This one sets what that constructor sets before that step and no version
+    manager, so it cannot upgrade the schema or report its version; unpickled, it is an
+    ``RDBStorage`` with its version manager again.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.wait_s = wait_seconds()
+        self.masked_url = mask(url)
+        self.url = self._fill_storage_url_template(url)
+        self.engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        self._set_default_engine_kwargs_for_mysql(url, self.engine_kwargs)
+        self.skip_compatibility_check = True
+        self.heartbeat_interval = self.grace_period = None
+        self.heartbeat_stale_trial_callback = self.failed_trial_callback = None
+        self.engine = sqlalchemy.create_engine(self.url, **self.engine_kwargs)
+        self.scoped_session = sqlalchemy.orm.scoped_session(
+            sqlalchemy.orm.sessionmaker(bind=self.engine)
+        )
+        self._version_manager = None
