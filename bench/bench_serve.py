@@ -5,15 +5,18 @@ learner in this short budget, see README "Methods at their defaults"; SGD, cosin
 on a class-stratified share of the 50,000 training images, CPU), or reuses the checkpoint an
 earlier run with the same settings cached under the user's cache directory. Logs it with
 :func:`trainer.serving.log_servable_model` to a throwaway sqlite store and loads it back as
-MLflow loads it for serving (``mlflow.pyfunc.load_model``, CPU). Then, on the first
-`--images` test images (uint8, as a client sends them), per confidence threshold: accuracy,
-mean GFLOPs per image, and throughput at batch 1 and batch 128 of the served model; beside it
-the full network: normalisation, stem, every block and the last exit's head only (the raw
-network from ``mlflow.pytorch.load_model``), which is what a single-exit deployment runs.
+MLflow loads it for serving (``mlflow.pyfunc.load_model``, CPU). Then, per confidence
+threshold: accuracy and mean GFLOPs per image on the whole test split (uint8, as a client
+sends them), and throughput at batch 1 and batch 128 of the served model on `--images` test
+images drawn at random (seeded; the split is stored class by class, so its first images are
+all airplanes); beside it the full network: normalisation, stem, every block and the last
+exit's head only (the raw network from ``mlflow.pytorch.load_model``), which is what a
+single-exit deployment runs.
 
-Accuracy and GFLOPs come from an untimed warm-up pass. Throughput is the median over
-`--rounds` passes that visit every row in turn, so a change in the machine's load hits all
-rows alike; batch 1 runs over the first `--batch1-images` images of each pass.
+Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
+over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
+all rows alike; batch 1 runs over the first `--batch1-images` images of each pass. `--threads`
+sets torch's threads for the measurement (training uses torch's default).
 
     .venv/bin/python bench/bench_serve.py           # 10% subset, 6 epochs (~25 min on 2 busy cores)
     .venv/bin/python bench/bench_serve.py --quick   # 2% subset, 1 epoch: a smoke run
@@ -51,7 +54,7 @@ from trainer.serving import log_servable_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
-THRESHOLDS = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 def job_dict(root: Path, args) -> dict:
@@ -129,9 +132,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
-    parser.add_argument("--images", type=int, default=2048, help="test images measured")
+    parser.add_argument("--images", type=int, default=2048, help="test images timed")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per row")
     parser.add_argument("--batch1-images", type=int, default=64, help="per pass at batch 1")
+    parser.add_argument("--threads", type=int, help="torch threads [default: torch's]")
     parser.add_argument("--quick", action="store_true", help="2%% subset, 1 epoch, 2 thresholds")
     args = parser.parse_args()
     if args.quick:
@@ -141,8 +145,11 @@ def main() -> None:
     print(machine() + f", torch threads {torch.get_num_threads()}, no GPU used")
     start = time.perf_counter()
     job = trained_job(job_dict(cifar10_jpeg(), args))
-    images = job.data.test.images[: args.images].numpy()  # uint8 [N, 3, 32, 32]
-    labels = job.data.test.labels[: args.images].numpy()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = job.data.test.images.numpy()  # uint8 [N, 3, 32, 32]
+    labels = job.data.test.labels.numpy()
+    timed = images[np.random.default_rng(args.seed).permutation(len(images))[: args.images]]
 
     with tempfile.TemporaryDirectory() as work:
         mlflow.set_tracking_uri(f"sqlite:///{Path(work) / 'mlflow.db'}")
@@ -157,8 +164,9 @@ def main() -> None:
     for t in args.thresholds:
         predictors[f"{t:g}"] = functools.partial(served.predict, params={"threshold": t})
 
-    b128, b1 = batches(images, 128), batches(images[: args.batch1_images], 1)
-    answers = {name: pd.concat([p(c) for c in b128]) for name, p in predictors.items()}  # warm
+    every = batches(images, 128)
+    answers = {name: pd.concat([p(c) for c in every]) for name, p in predictors.items()}  # warm
+    b128, b1 = batches(timed, 128), batches(timed[: args.batch1_images], 1)
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}
     for r in range(args.rounds):  # interleaved, so every row sees the same machine load
         for name, p in predictors.items():
@@ -172,8 +180,9 @@ def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> 
     """One row per predictor: accuracy, GFLOPs, median images/s at batch 1 and 128."""
     print(
         f"\nresnet20 (exits 3,5,7,9), {args.kind}, {args.epochs} epochs on "
-        f"{args.train_fraction:.0%} of the training set (seed {args.seed}); the first "
-        f"{len(labels)} test images, CPU; images/s: median of {args.rounds} interleaved passes"
+        f"{args.train_fraction:.0%} of the training set (seed {args.seed}); accuracy on the "
+        f"{len(labels)} test images, images/s on {args.images} of them (median of "
+        f"{args.rounds} interleaved passes), CPU, torch threads {torch.get_num_threads()}"
     )
     head = ["threshold", "accuracy", "Δ acc pts", "GFLOPs/img", "img/s b1", "img/s b128"]
     print("".join(f"{h:>11}" for h in [*head, "x full b128"]) + "  share leaving at exit 1..4")
