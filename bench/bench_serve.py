@@ -114,6 +114,42 @@ class FullNetwork:
         return pd.DataFrame({"class": classes, "exit": exit_, "gflops": self.gflops})
 
 
+@torch.no_grad()
+def stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int = 7) -> None:
+    """Per stage of the network (stem, each block, each exit's head) on the batch `x`: its
+    share of the FLOPs and of the time (median of `rounds`), and what reaching each exit
+    costs in time against the full network (stem, every block, the last head)."""
+    parts: list[tuple[str, torch.nn.Module, torch.Tensor]] = [("stem", network.backbone.stem, x)]
+    h = network.backbone.stem(x)
+    for index, (block, head) in enumerate(network.stages(), start=1):
+        parts.append((f"block {index}", block, h))
+        h = block(h)
+        if head is not None:
+            parts.append((f"exit head {index}", head, h))
+    costs = {}
+    for name, module, inputs in parts:
+        with FlopCounterMode(display=False) as counter:
+            module(inputs)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            module(inputs)
+            times.append(time.perf_counter() - start)
+        costs[name] = (counter.get_total_flops(), statistics.median(times))
+    flops, seconds = (sum(c[i] for c in costs.values()) for i in (0, 1))
+    print(f"\nwhere the time goes, batch {len(x)}:  stage  FLOPs share  time share")
+    for name, (f, t) in costs.items():
+        print(f"  {name:>15} {f / flops:12.1%} {t / seconds:11.1%}")
+    heads = [name for name in costs if name.startswith("exit")]
+    full = seconds - sum(costs[name][1] for name in heads[:-1])
+    spent = 0.0
+    for name, (_, t) in costs.items():
+        spent += t
+        if name.startswith("exit"):
+            block = name.split()[-1]
+            print(f"  leaving after block {block} costs {spent / full:.2f} of the full network")
+
+
 def batches(images: np.ndarray, size: int) -> list[np.ndarray]:
     return [images[i : i + size] for i in range(0, len(images), size)]
 
@@ -173,6 +209,7 @@ def main() -> None:
             rates[name].append((images_per_second(p, b1), images_per_second(p, b128)))
         print(f"  timing round {r + 1}/{args.rounds} done; {machine()}")
     report(answers, rates, labels, job.cfg.num_exits, args)
+    stage_costs(network, normalise(torch.from_numpy(timed[:128]), full.scale, full.shift))
     print(f"wall clock {time.perf_counter() - start:.0f} s; {machine()}")
 
 
