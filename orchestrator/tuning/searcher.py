@@ -102,6 +102,12 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
             return self._hand_out(trial_id, orphan.number, orphan._trial_id, overrides)
         if self.num_samples is not None and self._handed_out() >= self.num_samples:
             return Searcher.FINISHED
+        trial, overrides = self._new_trial()
+        return self._hand_out(trial_id, trial.number, trial._trial_id, overrides)
+
+    def _new_trial(self) -> tuple[optuna.Trial, dict[str, Any]]:
+        """A new trial of the study and its overrides; configurations no job config accepts
+        are told FAIL (with why) and asked again."""
         for _ in range(_MAX_INVALID_ASKS):
             trial = self.study.ask()
             overrides = decode_params(self.spec, suggest_params(self.spec, trial))
@@ -111,7 +117,7 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
                 trial.set_user_attr(ERROR, f"never ran: {err}")
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
-            return self._hand_out(trial_id, trial.number, trial._trial_id, overrides)
+            return trial, overrides
         raise ConfigError(f"{self.spec.source}: no valid configuration in {_MAX_INVALID_ASKS} asks")
 
     def report(self, trial_id: str, result: dict[str, Any]) -> bool:
