@@ -31,8 +31,8 @@ trials for stock and ours; and for ours, how long ``orchestrate status NAME`` an
 ``orchestrate report NAME`` take on the finished sweep, and the end of the sweep (the parent
 run's summary after the writer's last writes, the report).
 
-    .venv/bin/python bench/bench_scale.py                 # 2,000 trials (~15 min)
-    .venv/bin/python bench/bench_scale.py --trials 100    # a smoke run (~1.5 min)
+    .venv/bin/python bench/bench_scale.py                 # 2,000 trials (32 min at load 16)
+    .venv/bin/python bench/bench_scale.py --trials 100    # a smoke run (4 min at load 15)
 """
 
 from __future__ import annotations
