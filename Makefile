@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_search.py
+	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_correlation.py
 	$(BIN)/python bench/bench_teachers.py
 	$(BIN)/python bench/bench_methods.py

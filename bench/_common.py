@@ -1,4 +1,5 @@
-"""What every bench prints and reuses: the versions line, the machine line, a timed median.
+"""What every bench prints and reuses: the versions line, the machine line, a timed median,
+seconds spent in chosen methods.
 
 Importable from the bench scripts only (``python bench/<name>.py`` puts bench/ on sys.path);
 Ray workers cannot import it, so trainables defined in a bench must not use it.
@@ -13,14 +14,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
 
 import yaml
 
 from orchestrator.entities.sweep import SweepRecord
 
-__all__ = ["launch_sweep", "machine", "median_seconds", "versions"]
+__all__ = ["launch_sweep", "machine", "median_seconds", "timed_methods", "versions"]
 
 
 def versions(*modules: str) -> str:
@@ -47,6 +51,41 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@contextmanager
+def timed_methods(
+    methods: Mapping[str, Sequence[tuple[type, str]]],
+) -> Iterator[dict[str, list[float]]]:
+    """The seconds of every call, on any thread, to each label's methods (``{label: [(class,
+    method name), ...]}``) while the block runs: the methods are wrapped on their classes, then
+    restored. A method nested in another labelled one counts in both."""
+    calls: dict[str, list[float]] = defaultdict(list)
+
+    def wrap(label: str, method: Callable) -> Callable:
+        @wraps(method)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                calls[label].append(time.perf_counter() - start)
+
+        return timed
+
+    originals = []
+    for label, owners in methods.items():
+        for owner, name in owners:
+            originals.append((owner, name, owner.__dict__.get(name)))  # None: inherited
+            setattr(owner, name, wrap(label, getattr(owner, name)))
+    try:
+        yield calls
+    finally:
+        for owner, name, method in reversed(originals):
+            if method is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, method)
 
 
 def launch_sweep(space: dict, work: Path, name: str) -> SweepRecord:

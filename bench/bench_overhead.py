@@ -46,14 +46,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial, wraps
+from functools import wraps
 from pathlib import Path
 
 import optuna
 import ray
 import torch
 import yaml
-from _common import machine, median_seconds, versions
+from _common import machine, median_seconds, timed_methods, versions
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -116,21 +116,10 @@ class DriverTimers:
     (the methods are wrapped while one run is timed)."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, list[float]] = defaultdict(list)
         self.fit_start = math.nan
         # (arrival time, trial id, epoch, time_this_iter_s, epoch_time_s) per new epoch
         self.arrivals: list[tuple[float, str, int, float, float]] = []
-
-    def _wrap(self, label: str, method: Callable) -> Callable:
-        @wraps(method)
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds[label] += time.perf_counter() - start
-
-        return timed
 
     def _on_result(self, method: Callable) -> Callable:
         @wraps(method)
@@ -159,14 +148,17 @@ class DriverTimers:
             (TuneController, "_on_training_result", self._on_result),
             (tune.Tuner, "fit", self._on_fit),
         ]
-        for label, (owner, names) in DRIVER_METHODS.items():
-            patches += [(owner, name, partial(self._wrap, label)) for name in names]
         originals = []
         for owner, name, wrapper in patches:
             originals.append((owner, name, owner.__dict__[name]))
             setattr(owner, name, wrapper(getattr(owner, name)))
+        methods = {
+            label: [(owner, name) for name in names]
+            for label, (owner, names) in DRIVER_METHODS.items()
+        }
         try:
-            yield self
+            with timed_methods(methods) as self.calls:
+                yield self
         finally:
             for owner, name, method in reversed(originals):
                 setattr(owner, name, method)
@@ -224,7 +216,8 @@ def sweep_figures(timers: DriverTimers, start: float, end: float) -> SweepRun:
     parts["tail"] = sum(end - last for last in ends[-CONCURRENCY:])
     wall = end - start
     parts["between_trials"] = CONCURRENCY * wall - sum(parts.values())
-    return SweepRun(wall, parts, dict(timers.seconds), len(timers.arrivals))
+    driver = {label: sum(calls) for label, calls in timers.calls.items()}
+    return SweepRun(wall, parts, driver, len(timers.arrivals))
 
 
 def run_ours(workdir: Path, epochs: int, index: int) -> SweepRun:

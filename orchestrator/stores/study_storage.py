@@ -17,6 +17,9 @@ are. Two writes cannot, when the connection dies after the database committed th
 before it said so: ending a trial (``tell``) is not repeated once the trial has the state it
 was to get, and every new trial carries a token (system attribute ``orchestrator:token``) by
 which a repeated ``ask`` finds the trial its lost attempt created rather than add a second.
+
+A study in SQLite (the sweep's ``optuna.db``) is written with write-ahead logging
+(:mod:`orchestrator.stores.sqlite`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from orchestrator.entities.env import STUDY_DB_WAIT
 from orchestrator.entities.errors import StoreUnavailable
 from orchestrator.rendering.console import console
 from orchestrator.stores.preflight import error_reason
+from orchestrator.stores.sqlite import write_ahead
 from trainer.config import ConfigError
 
 __all__ = ["TOKEN_ATTR", "PatientRDBStorage", "wait_seconds"]
@@ -115,6 +119,7 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
         engine_kwargs = dict(kwargs.pop("engine_kwargs", None) or {})
         engine_kwargs.setdefault("pool_pre_ping", True)  # a restart kills pooled connections
         self._patiently(partial(super().__init__, url, engine_kwargs=engine_kwargs, **kwargs))
+        write_ahead(self.engine)
 
     def _patiently(
         self, call: Callable[[], T], took_effect: Callable[[], T | None] | None = None

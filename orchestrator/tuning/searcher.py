@@ -20,11 +20,22 @@ such orphaned trial (same number, same params) to the next trial Tune asks for, 
 reports a step twice, and stops a restored trial the study has already finished. An orphan
 may even have finished before the crash: Tune, not knowing it, asks for one trial more, so
 the searcher counts the trials the study has handed out and says FINISHED at the budget.
+It reads the study for orphans and for that count once per driver (at its first suggestion),
+not per trial: a sweep of thousands of trials pays no scan of the study per trial.
+
+Asking Optuna (TPE's cost grows with the study) happens ahead of demand, on a thread, one
+trial at a time: when a trial is handed out and the budget holds at least two more, the next
+is asked while Tune runs (the budget's last trial is asked when it is wanted, with all the
+study knows by then). A trial asked ahead is RUNNING in the study (the constant liar
+counts it) but has no Tune trial yet; after a driver crash it is an orphan like any other.
+Nothing is asked ahead without a budget or with a time budget, where the sweep may end
+before the trial is wanted (it would be left RUNNING).
 """
 
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import optuna
@@ -49,7 +60,14 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
     # Tune pickles the searcher into the sweep directory: no password, and the study is
     # read again (reopened from storage) after unpickling.
     _secret_fields = ("storage_url",)
-    _fresh_fields = (("_study", lambda: None), ("_synced", set))
+    _fresh_fields = (
+        ("_study", lambda: None),
+        ("_synced", set),
+        ("_orphans", lambda: None),
+        ("_handed", lambda: None),
+        ("_asker", lambda: None),
+        ("_ahead", lambda: None),
+    )
 
     def __init__(
         self, spec: SpaceSpec, storage_url: str, study_name: str, *, num_samples: int | None = None
@@ -70,6 +88,11 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
         self.errors: dict[str, str] = {}  # Tune trial id -> why it failed (from the scheduler)
         self._synced: set[str] = set()  # trial ids whose last step was read from the study
         self._study: optuna.Study | None = None
+        # Read from the study at the driver's first suggestion (see the module doc):
+        self._orphans: list[optuna.trial.FrozenTrial] | None = None
+        self._handed: int | None = None  # trials of the study a Tune trial ran or runs
+        self._asker: ThreadPoolExecutor | None = None
+        self._ahead: Future[tuple[optuna.Trial, dict[str, Any]]] | None = None
 
     @property
     def study(self) -> optuna.Study:
@@ -80,28 +103,52 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
     def _trial(self, trial_id: str) -> optuna.Trial:
         return optuna.Trial(self.study, self._storage_ids[trial_id])
 
-    def _orphan(self) -> optuna.trial.FrozenTrial | None:
-        """A RUNNING trial of the study that no Tune trial runs (lost with a killed driver)."""
-        running = self.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+    def _read_study(self) -> None:
+        """Once per driver: the orphans, RUNNING trials of the study that no Tune trial runs
+        (lost with a killed driver), and how many trials Tune trials ran or run (not the
+        configurations refused before they ran)."""
+        trials = self.study.get_trials(deepcopy=False)
         known = set(self.numbers.values())
-        return next((t for t in running if t.number not in known), None)
+        running = optuna.trial.TrialState.RUNNING
+        self._orphans = [t for t in trials if t.state == running and t.number not in known]
+        self._handed = sum(RAY_TRIAL_ID in t.user_attrs for t in trials)
 
-    def _hand_out(self, trial_id: str, number: int, storage_id: int, params: dict) -> dict:
+    def _hand_out(
+        self, trial_id: str, number: int, storage_id: int, params: dict, counted: bool
+    ) -> dict:
+        """`counted`: the trial had a Tune trial before (an orphan that ran)."""
         self.numbers[trial_id] = number
         self._storage_ids[trial_id] = storage_id
         self.study._storage.set_trial_user_attr(storage_id, RAY_TRIAL_ID, trial_id)
+        self._handed += not counted
         return {"overrides": params, TRIAL_NUMBER: number}
 
-    def _handed_out(self) -> int:
-        """Trials of the study that a Tune trial ran or runs (not configurations refused)."""
-        return sum(RAY_TRIAL_ID in t.user_attrs for t in self.study.get_trials(deepcopy=False))
-
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if (orphan := self._orphan()) is not None:
+        if self._orphans is None:
+            self._read_study()
+        if self._orphans:
+            orphan = self._orphans.pop(0)
             overrides = decode_params(self.spec, orphan.params)
-            return self._hand_out(trial_id, orphan.number, orphan._trial_id, overrides)
-        if self.num_samples is not None and self._handed_out() >= self.num_samples:
+            counted = RAY_TRIAL_ID in orphan.user_attrs
+            return self._hand_out(trial_id, orphan.number, orphan._trial_id, overrides, counted)
+        if self.num_samples is not None and self._handed >= self.num_samples:
             return Searcher.FINISHED
+        ahead, self._ahead = self._ahead, None
+        trial, overrides = ahead.result() if ahead is not None else self._new_trial()
+        config = self._hand_out(trial_id, trial.number, trial._trial_id, overrides, False)
+        if self._asks_ahead() and self._handed + 1 < self.num_samples:
+            if self._asker is None:
+                self._asker = ThreadPoolExecutor(1, thread_name_prefix="optuna-ask")
+            self._ahead = self._asker.submit(self._new_trial)
+        return config
+
+    def _asks_ahead(self) -> bool:
+        """Whether every trial asked ahead will be wanted: a trial budget, no time budget."""
+        return self.num_samples is not None and not self.spec.search.time_budget_s
+
+    def _new_trial(self) -> tuple[optuna.Trial, dict[str, Any]]:
+        """A new trial of the study and its overrides; configurations no job config accepts
+        are told FAIL (with why) and asked again."""
         for _ in range(_MAX_INVALID_ASKS):
             trial = self.study.ask()
             overrides = decode_params(self.spec, suggest_params(self.spec, trial))
@@ -111,7 +158,7 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
                 trial.set_user_attr(ERROR, f"never ran: {err}")
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
-            return self._hand_out(trial_id, trial.number, trial._trial_id, overrides)
+            return trial, overrides
         raise ConfigError(f"{self.spec.source}: no valid configuration in {_MAX_INVALID_ASKS} asks")
 
     def report(self, trial_id: str, result: dict[str, Any]) -> bool:
@@ -180,6 +227,7 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
         self._storage_ids = state["storage_ids"]
         self.pruned = state["pruned"]
         self._last_step = state["last_step"]
+        self._orphans = None  # a restored driver reads the study again
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

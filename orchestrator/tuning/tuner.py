@@ -103,16 +103,20 @@ def build_tuner(
 
 
 def sweep_tuner(
-    spec: SpaceSpec, record: SweepRecord, callbacks: Sequence[tune.Callback] = ()
+    spec: SpaceSpec,
+    record: SweepRecord,
+    callbacks: Sequence[tune.Callback] = (),
+    trainable: Callable[[dict[str, Any]], None] = train_job,
 ) -> tune.Tuner:
     """The sweep's Tuner: Optuna proposes and prunes, MLflow records, the report is written
-    at the end; `callbacks` run after those."""
+    at the end; `callbacks` run after those. `trainable` runs each trial: the training, or a
+    stand-in with the same results (bench/bench_scale.py)."""
     searcher = OptunaSearcher(
         spec, record.study_storage, record.name, num_samples=record.num_samples
     )
     tracking = MlflowTrackingCallback(record.target, spec.search.metric, spec.search.mode)
     return build_tuner(
-        train_job,
+        trainable,
         spec,
         gpus=record.gpus,
         searcher=searcher,

@@ -12,10 +12,11 @@ anything is recorded.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -34,6 +35,7 @@ from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
 from orchestrator.tuning.tuner import sweep_tuner
 from trainer.config import ConfigError
 from trainer.data import check_available
+from trainer.trainable import train_job
 
 __all__ = ["launch", "prepare"]
 
@@ -108,9 +110,13 @@ def prepare(
 
 
 def launch(
-    spec: SpaceSpec, record: SweepRecord, callbacks: Sequence[tune.Callback] = ()
+    spec: SpaceSpec,
+    record: SweepRecord,
+    callbacks: Sequence[tune.Callback] = (),
+    trainable: Callable[[dict[str, Any]], None] = train_job,
 ) -> tune.ResultGrid:
-    """Create the study and the parent run, record the sweep, run it to the end."""
+    """Create the study and the parent run, record the sweep, run it to the end (each trial
+    running `trainable`, see :func:`~orchestrator.tuning.tuner.sweep_tuner`)."""
     record.directory.mkdir(parents=True, exist_ok=True)
     if record.tracking_uri.startswith("sqlite:///"):
         preflight.sqlite_file(record.tracking_uri).parent.mkdir(parents=True, exist_ok=True)
@@ -133,4 +139,4 @@ def launch(
     client.log_artifact(parent, str(record.space_file))
     record = replace(record, experiment_id=experiment_id, parent_run_id=parent)
     record.save()
-    return sweep_tuner(spec, record, callbacks).fit()
+    return sweep_tuner(spec, record, callbacks, trainable).fit()

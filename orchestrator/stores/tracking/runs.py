@@ -33,7 +33,7 @@ __all__ = [
     "trial_runs",
 ]
 
-_MAX_TRIAL_RUNS = 5000
+_PAGE_RUNS = 5000  # runs per search request
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -79,12 +79,20 @@ def find_trial_run(client: MlflowClient, target: SweepTarget, number: int) -> Ru
 
 
 def trial_runs(client: MlflowClient, target: SweepTarget) -> dict[int, Run]:
-    """The sweep's trial runs by Optuna trial number."""
-    runs = client.search_runs(
-        [target.experiment_id],
-        filter_string=_trial_filter(target.name),
-        max_results=_MAX_TRIAL_RUNS,
-    )
+    """The sweep's trial runs by Optuna trial number (every page of the search)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [target.experiment_id],
+            filter_string=_trial_filter(target.name),
+            max_results=_PAGE_RUNS,
+            page_token=token,
+        )
+        runs += page
+        token = page.token
+        if not token:
+            break
     return {
         int(r.data.tags[TRIAL_NUMBER]): r
         for r in runs

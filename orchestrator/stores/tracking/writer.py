@@ -10,7 +10,10 @@ that sweep (``orchestrate resume``) applies them first.
 Every write can be applied twice (after a crash between applying it and recording that):
 a trial's run is found by its Optuna trial number before one is created, identical metrics
 are stored once by MLflow, and an epoch whose step the run already has is skipped, so a
-trial restarted from an older checkpoint never writes the same epoch twice.
+trial restarted from an older checkpoint never writes the same epoch twice. The writer lists
+the sweep's runs once, when it first needs one (those an earlier driver made), and
+remembers those it creates, so a sweep of thousands of trials searches no runs per trial;
+after a failed attempt, whose run MLflow may have created all the same, it searches again.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from orchestrator.entities.names import (
 )
 from orchestrator.entities.sweep import SweepTarget
 from orchestrator.stores.preflight import error_reason
-from orchestrator.stores.tracking.runs import find_trial_run
+from orchestrator.stores.sqlite import write_ahead
+from orchestrator.stores.tracking.runs import find_trial_run, trial_runs
 
 __all__ = ["MlflowWriter"]
 
@@ -92,6 +96,9 @@ class MlflowWriter:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self._client = MlflowClient(target.tracking_uri)
+        store = self._client._tracking_client.store  # a local database: write ahead
+        if isinstance(getattr(store, "engine", None), sqlalchemy.engine.Engine):
+            write_ahead(store.engine)
         self._target = target
         self._experiment_id = target.experiment_id
         self._parent_run_id = target.parent_run_id
@@ -101,6 +108,8 @@ class MlflowWriter:
         self._applied_file = Path(target.directory) / APPLIED_FILE
         self._run_ids: dict[int, str] = {}
         self._last_step: dict[int, int] = {}
+        self._listed: dict[int, str] | None = None  # runs there when first needed, by trial
+        self._unsure = False  # the last attempt failed: MLflow may have applied it
         self._pending: deque[dict[str, Any]] = deque(self._read_pending())
         self._applied = self._read_applied()
         self._file = self._journal.open("a")
@@ -184,8 +193,10 @@ class MlflowWriter:
         while True:
             try:
                 self._apply(write)
+                self._unsure = False
                 return True
             except Exception as err:
+                self._unsure = True
                 if not _transient(err):
                     self.dropped += 1
                     reason = error_reason(err)
@@ -253,10 +264,16 @@ class MlflowWriter:
     def _run_id(self, trial: int) -> str | None:
         """The trial's run, looked up once; its last logged epoch comes with it."""
         if trial not in self._run_ids:
-            run = find_trial_run(self._client, self._target, trial)
-            if run is None:
+            if self._unsure:
+                run = find_trial_run(self._client, self._target, trial)
+                run_id = None if run is None else run.info.run_id
+            else:
+                if self._listed is None:
+                    runs = trial_runs(self._client, self._target)
+                    self._listed = {number: run.info.run_id for number, run in runs.items()}
+                run_id = self._listed.get(trial)
+            if run_id is None:
                 return None
-            run_id = run.info.run_id
             history = self._client.get_metric_history(run_id, self._step_metric)
             self._last_step[trial] = max((m.step for m in history), default=0)
             self._run_ids[trial] = run_id

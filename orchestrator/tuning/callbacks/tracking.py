@@ -8,9 +8,11 @@ runs), retried while the tracking server is down, without holding up the trials.
 run is the run of one Optuna trial number, whichever Tune trial (after a restart) runs it,
 and has each epoch once. Its final status mirrors the Optuna study, the single source of
 truth for how a trial ended: COMPLETE -> FINISHED, PRUNED -> KILLED (tag ``pruned=true``),
-FAIL -> FAILED (tag ``error``: why). When a trial ends its run also gets its figures
+FAIL -> FAILED (tag ``error``: why). When one of the first :data:`FIGURES_FIRST` trials
+ends, or a trial that is the best so far on an objective, its run also gets its figures
 (:mod:`orchestrator.stores.tracking.figures`), drawn by the writer after the trial's epochs
-are in.
+are in. Drawing takes longer than all of a trial's other writes: figures for every trial
+of a sweep of thousands would keep the writer behind the trials.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from orchestrator.stores.tracking.writer import MlflowWriter
 from trainer import metrics as M
 from trainer.trainable import ANYTIME_FILE, job_config_from_trial
 
-__all__ = ["MlflowTrackingCallback", "figures_write"]
+__all__ = ["FIGURES_FIRST", "MlflowTrackingCallback", "figures_write"]
+
+FIGURES_FIRST = 16  # trials (by number) whose figures are drawn whatever their outcome
 
 _NODE_KEYS = ("node_ip", "node_id")  # reported with every result; run tags
 
@@ -57,6 +61,7 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
         ("_nodes", dict),
         ("_writer", lambda: None),
         ("_storage", lambda: None),
+        ("_best", dict),
     )
 
     def __init__(self, target: SweepTarget, metric: str | list[str], mode: str | list[str]):
@@ -67,6 +72,7 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
         self._nodes: dict[str, dict[str, str]] = {}  # Tune trial id -> node tags sent
         self._writer: MlflowWriter | None = None
         self._storage: optuna.storages.BaseStorage | None = None
+        self._best: dict[int, float] = {}  # objective -> best final value this driver saw
 
     @property
     def writer(self) -> MlflowWriter:
@@ -74,15 +80,26 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
             self._writer = open_writer(self.target.revealed())
         return self._writer
 
-    def _outcome(self, number: int) -> tuple[optuna.trial.TrialState, str | None]:
-        """The study's state of trial `number` and why it failed, if it did."""
+    def _outcome(self, number: int) -> optuna.trial.FrozenTrial:
+        """Trial `number` as the study has it."""
         if self._storage is None:
             self._storage = reading_storage(self.target.revealed().study_storage)
         study_id = self._storage.get_study_id_from_name(self.target.name)
-        frozen = self._storage.get_trial(
+        return self._storage.get_trial(
             self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
         )
-        return frozen.state, frozen.user_attrs.get(ERROR)
+
+    def _new_best(self, frozen: optuna.trial.FrozenTrial) -> bool:
+        """Whether a COMPLETE trial beats every one seen before on some objective."""
+        if frozen.state != optuna.trial.TrialState.COMPLETE or frozen.values is None:
+            return False
+        better = False
+        for index, (value, mode) in enumerate(zip(frozen.values, self.modes, strict=True)):
+            best = self._best.get(index)
+            if best is None or (value > best if mode == "max" else value < best):
+                self._best[index] = value
+                better = True
+        return better
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         number = trial.config[TRIAL_NUMBER]
@@ -135,11 +152,14 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
 
     def _finish(self, trial) -> None:
         number = trial.config[TRIAL_NUMBER]
-        state, error = self._outcome(number)
-        status = _STATUS.get(state, RunStatus.FAILED)
+        frozen = self._outcome(number)
+        status = _STATUS.get(frozen.state, RunStatus.FAILED)
         tags = {PRUNED_TAG: "true"} if status == RunStatus.KILLED else {}
         if status == RunStatus.FAILED:
-            tags[ERROR] = error or "unknown (see the trial's error.txt in the sweep directory)"
+            tags[ERROR] = (
+                frozen.user_attrs.get(ERROR)
+                or "unknown (see the trial's error.txt in the sweep directory)"
+            )
         best_epochs = {  # each objective's best epoch value
             f"best/{metric}": trial.metric_analysis.get(metric, {}).get(mode)
             for metric, mode in zip(self.metrics, self.modes, strict=True)
@@ -154,7 +174,8 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
                 "tags": tags,
             }
         )
-        self.writer.submit(figures_write(trial, number))
+        if self._new_best(frozen) or number < FIGURES_FIRST:
+            self.writer.submit(figures_write(trial, number))
 
     def on_experiment_end(self, trials: list, **info) -> None:
         """Summarise the sweep on the parent run (:func:`summarize_sweep`) and wait for the
