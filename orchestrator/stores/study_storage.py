@@ -49,7 +49,7 @@ from orchestrator.stores.preflight import error_reason
 from orchestrator.stores.sqlite import write_ahead
 from trainer.config import ConfigError
 
-__all__ = ["TOKEN_ATTR", "PatientRDBStorage", "wait_seconds"]
+__all__ = ["TOKEN_ATTR", "PatientRDBStorage", "ReadingRDBStorage", "wait_seconds"]
 
 T = TypeVar("T")
 
