@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -67,12 +68,19 @@ def earlier(tmp_path_factory):
 
 
 def _digest(root: Path) -> dict[str, str]:
-    """Every file under `root` -> its sha256."""
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
+    """Every file under `root` -> its sha256; a SQLite database's is that of its rows (an SQL
+    dump), and its write-ahead log and shared-memory index are left out: a reader may rewrite
+    them, or fold the log into the database, without changing a row (the dump holds both)."""
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.endswith(("-wal", "-shm")):
+            continue
+        data = path.read_bytes()
+        if data.startswith(b"SQLite format 3\0"):
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                data = "\n".join(db.iterdump()).encode()
+        digests[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return digests
 
 
 def _children() -> set[int]:
