@@ -3,11 +3,14 @@ searcher and scheduler, and the callbacks that record the trials."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
@@ -23,6 +26,7 @@ __all__ = [
     "MAX_FAILURES",
     "build_tuner",
     "concurrency_limit",
+    "fit",
     "restore_tuner",
     "sweep_tuner",
     "trial_dirname",
@@ -31,6 +35,8 @@ __all__ = [
 ]
 
 MAX_FAILURES = 2  # retries of a crashed trial, each from its last checkpoint
+# Set while a sweep runs: Tune adds no result loggers of its own (see `fit`).
+_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def trial_resources(spec: SpaceSpec, gpus: int) -> dict[str, float]:
@@ -78,7 +84,8 @@ def build_tuner(
     stop: tune.Stopper | None = None,
 ) -> tune.Tuner:
     """A Tuner running `trainable` on `spec`'s base job with the trials' resources, at most
-    `max_concurrent` at once, retried from their checkpoints, the two latest kept."""
+    `max_concurrent` at once, retried from their checkpoints, the two latest kept; Tune's
+    JSON result logger writes each trial's ``result.json``."""
     return tune.Tuner(
         tune.with_resources(trainable, trial_resources(spec, gpus)),
         param_space=trial_param_space(spec),
@@ -93,7 +100,7 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage_path,
-            callbacks=list(callbacks),
+            callbacks=[JsonLoggerCallback(), *callbacks],
             stop=stop,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -137,3 +144,24 @@ def restore_tuner(spec: SpaceSpec, record: SweepRecord) -> tune.Tuner:
         trainable=tune.with_resources(train_job, trial_resources(spec, record.gpus)),
         resume_unfinished=True,
     )
+
+
+def fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """Run the sweep's `tuner` without Tune's CSV and TensorBoard result loggers, which
+    duplicate what MLflow records and cost Tune's loop about 0.1 s per trial at scale
+    (docs/benchmarks.md); its JSON logger stays (:func:`build_tuner`)."""
+    with _env(_NO_AUTO_LOGGERS, "1"):
+        return tuner.fit()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before

@@ -32,7 +32,7 @@ from orchestrator.stores import preflight
 from orchestrator.stores.study import open_study
 from orchestrator.stores.tracking.runs import ensure_experiment, resolve_tracking_uri
 from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
-from orchestrator.tuning.tuner import sweep_tuner
+from orchestrator.tuning.tuner import fit, sweep_tuner
 from trainer.config import ConfigError
 from trainer.data import check_available
 from trainer.trainable import train_job
@@ -139,4 +139,4 @@ def launch(
     client.log_artifact(parent, str(record.space_file))
     record = replace(record, experiment_id=experiment_id, parent_run_id=parent)
     record.save()
-    return sweep_tuner(spec, record, callbacks, trainable).fit()
+    return fit(sweep_tuner(spec, record, callbacks, trainable))

@@ -16,7 +16,7 @@ from orchestrator.stores.preflight import check_stores
 from orchestrator.stores.study import load_study
 from orchestrator.stores.tracking.summary import flush_writer, open_writer, summarize_sweep
 from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
-from orchestrator.tuning.tuner import restore_tuner
+from orchestrator.tuning.tuner import fit, restore_tuner
 from trainer.config import ConfigError
 
 __all__ = ["complete_mlflow_record", "resume"]
@@ -71,4 +71,4 @@ def resume(record: SweepRecord) -> tune.ResultGrid | None:
         join_ray(check_ray_address(record.address))
     else:
         init_ray(num_gpus=record.gpus)
-    return restore_tuner(spec, record).fit()
+    return fit(restore_tuner(spec, record))
