@@ -21,10 +21,22 @@ from functools import wraps
 from pathlib import Path
 
 import yaml
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.entities.space import SpaceSpec
 from orchestrator.entities.sweep import SweepRecord
+from orchestrator.stores.study import make_sampler, optuna_distributions
+from trainer import metrics as M
 
-__all__ = ["launch_sweep", "machine", "median_seconds", "timed_methods", "versions"]
+__all__ = [
+    "launch_sweep",
+    "machine",
+    "median_seconds",
+    "stock_search",
+    "timed_methods",
+    "versions",
+]
 
 
 def versions(*modules: str) -> str:
@@ -98,3 +110,24 @@ def launch_sweep(space: dict, work: Path, name: str) -> SweepRecord:
     command += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
     subprocess.run(command, cwd=work, check=True, env={**os.environ, "RAY_ADDRESS": ""})
     return SweepRecord.load(name, work / "sweeps")
+
+
+def stock_search(spec: SpaceSpec) -> tuple[OptunaSearch, ASHAScheduler]:
+    """Ray's stock OptunaSearch (the space's sampler) and ASHAScheduler (its pruner's
+    settings), as a Tune user would set them up for `spec`."""
+    search = spec.search
+    searcher = OptunaSearch(
+        space=optuna_distributions(spec),
+        metric=search.metric,
+        mode=search.mode,
+        sampler=make_sampler(spec),
+    )
+    scheduler = ASHAScheduler(
+        time_attr=M.EPOCH,
+        metric=search.metric,
+        mode=search.mode,
+        max_t=spec.max_epochs,
+        grace_period=search.pruner.min_resource,
+        reduction_factor=search.pruner.reduction_factor,
+    )
+    return searcher, scheduler

@@ -56,7 +56,7 @@ from typing import Any
 import optuna
 import ray
 import yaml
-from _common import machine, timed_methods, versions
+from _common import machine, stock_search, timed_methods, versions
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -64,10 +64,8 @@ from ray.tune.callback import CallbackList
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, SearchGenerator
-from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.entities.space import SpaceSpec, parse_space
-from orchestrator.stores.study import make_sampler, optuna_distributions
 from orchestrator.tuning.callbacks.progress import SweepProgress
 from orchestrator.tuning.callbacks.report import ReportCallback
 from orchestrator.tuning.callbacks.tracking import MlflowTrackingCallback
@@ -235,25 +233,11 @@ def run_stock(args: argparse.Namespace, workdir: Path, trainable) -> PathRun:
     data = space_data(args)
     data["search"]["time_budget_s"] = args.stock_budget
     spec = parse_space(data, source="stock")
-    search = spec.search
     tracking_uri = f"sqlite:///{workdir / 'stock-mlflow.db'}"
     MlflowClient(tracking_uri).search_experiments()  # creates the store's tables, untimed
 
     def run() -> int:
-        searcher = OptunaSearch(
-            space=optuna_distributions(spec),
-            metric=search.metric,
-            mode=search.mode,
-            sampler=make_sampler(spec),
-        )
-        scheduler = ASHAScheduler(
-            time_attr=M.EPOCH,
-            metric=search.metric,
-            mode=search.mode,
-            max_t=spec.max_epochs,
-            grace_period=search.pruner.min_resource,
-            reduction_factor=search.pruner.reduction_factor,
-        )
+        searcher, scheduler = stock_search(spec)
         callback = MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name="stock")
         tuner = build_tuner(
             trainable,

@@ -53,14 +53,11 @@ import optuna
 import ray
 import replay
 import yaml
-from _common import machine, versions
+from _common import machine, stock_search, versions
 from ray import cloudpickle, tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 from replay import CURVES_FILE, Curves, replay_trial
 
 from orchestrator.entities.space import SpaceSpec, decode_params
-from orchestrator.stores.study import make_sampler, optuna_distributions
 from orchestrator.tuning.cluster import init_ray
 from orchestrator.tuning.scheduler import OptunaPruningScheduler
 from orchestrator.tuning.searcher import OptunaSearcher
@@ -122,22 +119,8 @@ def make_tuner(
     stopper: EpochBudget,
     workdir: str,
 ) -> tune.Tuner:
-    search = spec.search
     if method == "stock":
-        searcher = OptunaSearch(
-            space=optuna_distributions(spec),
-            metric=search.metric,
-            mode=search.mode,
-            sampler=make_sampler(spec),
-        )
-        scheduler = ASHAScheduler(
-            time_attr=M.EPOCH,
-            metric=search.metric,
-            mode=search.mode,
-            max_t=spec.max_epochs,
-            grace_period=search.pruner.min_resource,
-            reduction_factor=search.pruner.reduction_factor,
-        )
+        searcher, scheduler = stock_search(spec)
         trainable = tune.with_parameters(stock_trial, spec=spec, curves=curves)
     else:
         searcher = OptunaSearcher(spec, f"sqlite:///{workdir}/optuna.db", method)
