@@ -3,13 +3,17 @@ Optuna distributions of a search space."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
 import optuna
+from optuna.search_space.group_decomposed import _GroupDecomposedSearchSpace, _SearchSpaceGroup
+from optuna.trial import TrialState
 
 from orchestrator.entities.space import SpaceSpec, decode_params, encode_choice, pruner_note
 from orchestrator.entities.sweep import SweepRecord
+from orchestrator.stores.study_cache import SoleWriterCache
 from orchestrator.stores.study_storage import PatientRDBStorage, ReadingRDBStorage
 
 __all__ = [
@@ -74,7 +78,7 @@ def make_sampler(spec: SpaceSpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GridSampler(grid, seed=settings.seed)
     with warnings.catch_warnings():  # `group` is experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
+        sampler = optuna.samplers.TPESampler(
             seed=settings.seed,
             n_startup_trials=settings.n_startup_trials,
             multivariate=settings.multivariate,
@@ -83,6 +87,32 @@ def make_sampler(spec: SpaceSpec) -> optuna.samplers.BaseSampler:
             group=settings.multivariate and spec.conditional,
             constant_liar=settings.constant_liar,
         )
+    if sampler._group_decomposed_search_space is not None:
+        sampler._group_decomposed_search_space = IncrementalGroupDecomposedSearchSpace(True)
+    return sampler
+
+
+class IncrementalGroupDecomposedSearchSpace(_GroupDecomposedSearchSpace):
+    """Optuna's decomposition of a conditional space into groups of parameters that occur
+    together, which TPE (``group=True``) recomputes over every finished trial at every ask:
+    here each finished trial is added once. Adding a trial's parameters again changes
+    nothing (every group is then inside them or apart from them), so the groups, and their
+    order, are Optuna's."""
+
+    def __init__(self, include_pruned: bool = False) -> None:
+        super().__init__(include_pruned)
+        self._added: set[int] = set()  # numbers of the trials added
+
+    def calculate(self, study: optuna.Study, use_cache: bool = False) -> _SearchSpaceGroup:
+        if self._study_id not in (None, study._study_id):
+            raise ValueError("the search space of one study was asked for another's")
+        self._study_id = study._study_id
+        states = (TrialState.COMPLETE, TrialState.PRUNED)[: 1 + self._include_pruned]
+        for trial in study._get_trials(deepcopy=False, states=states, use_cache=use_cache):
+            if trial.number not in self._added:
+                self._added.add(trial.number)
+                self._search_space.add_distributions(trial.distributions)
+        return copy.deepcopy(self._search_space)
 
 
 def make_pruner(spec: SpaceSpec) -> optuna.pruners.BasePruner:
@@ -108,7 +138,7 @@ def open_study(spec: SpaceSpec, storage_url: str, study_name: str) -> optuna.Stu
     (Optuna's plots, optuna-dashboard and the report show the names)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=PatientRDBStorage(storage_url),
+        storage=SoleWriterCache(PatientRDBStorage(storage_url)),
         study_name=study_name,
         directions=["maximize" if mode == "max" else "minimize" for mode in spec.search.modes],
         sampler=make_sampler(spec),

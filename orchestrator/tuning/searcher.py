@@ -45,6 +45,7 @@ from orchestrator.entities.credentials import MaskedWhenPickled, reveal
 from orchestrator.entities.names import EPOCHS_ATTR, ERROR, RAY_TRIAL_ID, TRIAL_NUMBER
 from orchestrator.entities.space import SpaceSpec, decode_params
 from orchestrator.stores.study import open_study, suggest_params
+from orchestrator.stores.study_cache import register_written_study
 from trainer import metrics as M
 from trainer.config import ConfigError
 from trainer.trainable import TRIAL_ERROR
@@ -98,6 +99,7 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             self._study = open_study(self.spec, reveal(self.storage_url), self.study_name)
+            register_written_study(reveal(self.storage_url), self._study)
         return self._study
 
     def _trial(self, trial_id: str) -> optuna.Trial:

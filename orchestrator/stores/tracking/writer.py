@@ -1,11 +1,17 @@
-"""A sweep's MLflow writes: journaled, applied in order on a background thread, retried.
+"""A sweep's MLflow writes: journaled, applied in order by a process of their own, retried.
 
 Tune calls the tracking callback on its driver loop, between scheduling decisions, so a
 slow or unreachable tracking server must not block it. :meth:`MlflowWriter.submit` appends
-the write to a journal file in the sweep directory and returns; one thread applies the
+the write to a journal file in the sweep directory and returns; a child process applies the
 journal in order, retrying while the store is unreachable, and records how far it got. A
-driver killed with writes still pending leaves them in the journal, and the next writer on
-that sweep (``orchestrate resume``) applies them first.
+driver killed with writes still pending leaves them in the journal (the child stops when
+the driver's end of their pipe closes), and the next writer on that sweep (``orchestrate
+resume``) applies them first.
+
+The writes are applied in a process, not on a thread of the driver: MLflow's store client
+and figure drawing are Python work, and a sweep of one-second trials spent as much time in
+them as Tune's loop itself, which they held up through the interpreter lock. The child's
+log records come back to the driver's loggers (the sweep's log file, or the terminal).
 
 Every write can be applied twice (after a crash between applying it and recording that):
 a trial's run is found by its Optuna trial number before one is created, identical metrics
@@ -20,10 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +59,10 @@ __all__ = ["MlflowWriter"]
 
 logger = logging.getLogger(__name__)
 
+Handlers = Mapping[str, Callable[[MlflowClient, str, dict[str, Any]], None]]
+
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.5, 5.0
+_POLL_S = 0.02  # how often `flush` looks at the child's progress
 # MLflow error codes worth retrying: the server or its database is down or overloaded.
 _TRANSIENT_CODES = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
@@ -72,6 +83,33 @@ def _tags(values: dict[str, str]) -> list[RunTag]:
     return [RunTag(key, str(value)) for key, value in values.items()]
 
 
+def _complete_lines(journal: Path) -> list[str]:
+    """The journal's lines; a torn last line (a kill mid-write) is cut off the file."""
+    if not journal.exists():
+        return []
+    text = journal.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    if complete != text:
+        journal.write_text(complete)
+    return complete.splitlines()
+
+
+def _read_applied(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+class _ToDriverLoggers(logging.Handler):
+    """Hands a record from the child to the driver's logger of the same name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        driver = logging.getLogger(record.name)
+        if driver.isEnabledFor(record.levelno):
+            driver.handle(record)
+
+
 class MlflowWriter:
     """Applies one sweep's writes: trial runs (children of the sweep's parent run, found by
     Optuna trial number) and the parent run's summary.
@@ -81,17 +119,138 @@ class MlflowWriter:
     time, metrics, optional tags); ``end`` (trial, status, metrics, tags); ``artifacts`` (trial,
     path, artifact_path); ``sweep`` (metrics, best_trial, pareto_trials, status or None) for
     the parent run. `handlers` apply further ops to a trial's run: ``handlers[op](client,
-    run_id, write)``, for instance drawing figures once the trial's epochs are in.
+    run_id, write)``, for instance drawing figures once the trial's epochs are in; they run
+    in the child process (module-level functions).
     """
+
+    def __init__(
+        self, target: SweepTarget, *, step_metric: str, handlers: Handlers | None = None
+    ) -> None:
+        self._journal = Path(target.directory) / JOURNAL_FILE
+        self._applied_file = Path(target.directory) / APPLIED_FILE
+        self._submitted = len(_complete_lines(self._journal))
+        context = multiprocessing.get_context("spawn")  # the driver runs Ray's threads
+        self._applied = context.Value("q", min(_read_applied(self._applied_file), self._submitted))
+        self._dropped = context.Value("q", 0)
+        logs = context.Queue()
+        self._logs = logging.handlers.QueueListener(logs, _ToDriverLoggers())
+        self._logs.start()
+        wake, self._wake = context.Pipe(duplex=False)
+        self._lock = threading.Lock()
+        self._file = self._journal.open("a")
+        shared = (self._applied, self._dropped, logs, wake)
+        self._process = context.Process(
+            target=_apply_journal,
+            args=(target, step_metric, dict(handlers or {}), *shared),
+            name="mlflow-writer",
+            daemon=True,
+        )
+        self._process.start()
+        wake.close()
+
+    @property
+    def pending(self) -> int:
+        """Writes submitted but not yet applied."""
+        return self._submitted - self._applied.value
+
+    @property
+    def dropped(self) -> int:
+        """Writes MLflow refused for good (logged as warnings)."""
+        return self._dropped.value
+
+    def submit(self, write: dict[str, Any]) -> None:
+        """Journal `write` and wake the child; returns at once."""
+        line = json.dumps(write)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+            self._submitted += 1
+            self._wake.send_bytes(b"")
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for every write to be applied; returns how many are
+        still pending."""
+        deadline = time.monotonic() + timeout
+        while self.pending and self._process.is_alive() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        return self.pending
+
+    def close(self, timeout: float) -> int:
+        """:meth:`flush`, then stop the child (after the write it is applying); returns how
+        many writes are still pending (kept in the journal for the next writer). An emptied
+        journal is removed."""
+        self.flush(timeout)
+        with self._lock:
+            self._wake.close()
+            self._file.close()
+        self._process.join()
+        self._logs.stop()
+        left = self.pending
+        if not left:  # the count first: a journal without it is only applied again
+            self._applied_file.unlink(missing_ok=True)
+            self._journal.unlink(missing_ok=True)
+        return left
+
+
+def _apply_journal(
+    target: SweepTarget,
+    step_metric: str,
+    handlers: Handlers,
+    applied: Any,  # multiprocessing.Value("q"): journal lines applied
+    dropped: Any,  # multiprocessing.Value("q"): writes MLflow refused
+    logs: Any,  # multiprocessing.Queue of log records for the driver
+    wake: multiprocessing.connection.Connection,
+) -> None:
+    """The child: apply the journal's lines from `applied` on, in order, as they come; stop
+    when the driver's end of `wake` closes."""
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(logs)]
+    root.setLevel(logging.INFO)
+    applier = _Applier(target, step_metric, handlers, stopped=lambda: _closed(wake))
+    journal = Path(target.directory) / JOURNAL_FILE
+    applied_file = Path(target.directory) / APPLIED_FILE
+    with journal.open() as lines:
+        for _ in range(applied.value):
+            lines.readline()
+        partial = ""
+        while True:
+            line = partial + lines.readline()
+            if line.endswith("\n"):
+                partial = ""
+                write = json.loads(line)
+                if not applier.apply_with_retries(write):
+                    return  # closed while the store was down: the journal keeps the rest
+                dropped.value = applier.dropped
+                applied.value += 1
+                applied_file.write_text(f"{applied.value}\n")
+                continue
+            partial = line  # the driver is still writing it, or nothing is new
+            if _closed(wake, wait=None):
+                return
+
+
+def _closed(wake: multiprocessing.connection.Connection, wait: float | None = 0.0) -> bool:
+    """Whether the driver has closed its end, after waiting up to `wait` seconds (None:
+    until it sends or closes) and taking what it sent."""
+    try:
+        if wake.poll(wait):
+            wake.recv_bytes()
+        return False
+    except (EOFError, OSError):
+        return True
+
+
+class _Applier:
+    """Applies writes to MLflow, in the child process."""
 
     def __init__(
         self,
         target: SweepTarget,
-        *,
         step_metric: str,
-        handlers: Mapping[str, Callable[[MlflowClient, str, dict[str, Any]], None]] = {},
+        handlers: Handlers,
+        stopped: Callable[[], bool],
     ) -> None:
-        # MLflow's HTTP client retries a request for minutes by default; this thread retries
+        # MLflow's HTTP client retries a request for minutes by default; this process retries
         # on its own, so keep each attempt short and notice a restarted server quickly.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -104,91 +263,15 @@ class MlflowWriter:
         self._parent_run_id = target.parent_run_id
         self._step_metric = step_metric  # logged every epoch: its last step is the run's
         self._handlers = dict(handlers)
-        self._journal = Path(target.directory) / JOURNAL_FILE
-        self._applied_file = Path(target.directory) / APPLIED_FILE
+        self._stopped = stopped
         self._run_ids: dict[int, str] = {}
         self._last_step: dict[int, int] = {}
         self._listed: dict[int, str] | None = None  # runs there when first needed, by trial
         self._unsure = False  # the last attempt failed: MLflow may have applied it
-        self._pending: deque[dict[str, Any]] = deque(self._read_pending())
-        self._applied = self._read_applied()
-        self._file = self._journal.open("a")
-        self._changed = threading.Condition()
-        self._closed = False
-        self.dropped = 0  # writes MLflow refused for good (logged as warnings)
-        self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
-        self._thread.start()
+        self.dropped = 0
 
-    def _read_applied(self) -> int:
-        try:
-            return int(self._applied_file.read_text())
-        except (OSError, ValueError):
-            return 0
-
-    def _read_pending(self) -> list[dict[str, Any]]:
-        """Journal lines not yet applied; a torn last line (a kill mid-write) is cut off."""
-        if not self._journal.exists():
-            return []
-        text = self._journal.read_text()
-        complete = text[: text.rfind("\n") + 1]
-        if complete != text:
-            self._journal.write_text(complete)
-        lines = complete.splitlines()
-        return [json.loads(line) for line in lines[self._read_applied() :]]
-
-    @property
-    def pending(self) -> int:
-        with self._changed:
-            return len(self._pending)
-
-    def submit(self, write: dict[str, Any]) -> None:
-        """Journal `write` and queue it; returns at once."""
-        line = json.dumps(write)
-        with self._changed:
-            self._file.write(line + "\n")
-            self._file.flush()
-            self._pending.append(write)
-            self._changed.notify_all()
-
-    def flush(self, timeout: float) -> int:
-        """Wait up to `timeout` seconds for every write to be applied; returns how many are
-        still pending."""
-        with self._changed:
-            self._changed.wait_for(lambda: not self._pending, timeout)
-            return len(self._pending)
-
-    def close(self, timeout: float) -> int:
-        """:meth:`flush`, then stop; returns how many writes are still pending (kept in the
-        journal for the next writer). An emptied journal is removed."""
-        self.flush(timeout)
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-            left = len(self._pending)
-            self._file.close()
-            if not left:  # the count first: a journal without it is only applied again
-                self._applied_file.unlink(missing_ok=True)
-                self._journal.unlink(missing_ok=True)
-            return left
-
-    def _work(self) -> None:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._pending or self._closed)
-                if not self._pending:
-                    return
-                write = self._pending[0]
-            if not self._apply_with_retries(write):
-                return  # closed while the store was down: the journal keeps the rest
-            with self._changed:
-                self._pending.popleft()
-                self._applied += 1
-                if not self._closed:
-                    self._applied_file.write_text(f"{self._applied}\n")
-                self._changed.notify_all()
-
-    def _apply_with_retries(self, write: dict[str, Any]) -> bool:
-        """Apply `write`, retrying transient failures; False when closed meanwhile."""
+    def apply_with_retries(self, write: dict[str, Any]) -> bool:
+        """Apply `write`, retrying transient failures; False when stopped meanwhile."""
         delay = _RETRY_FIRST_S
         while True:
             try:
@@ -202,7 +285,7 @@ class MlflowWriter:
                     reason = error_reason(err)
                     logger.warning("MLflow refused a write (%s): %s", write["op"], reason)
                     return True
-                if self._closed:
+                if self._stopped():
                     return False
                 if delay == _RETRY_FIRST_S:
                     logger.warning(

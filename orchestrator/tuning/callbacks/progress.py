@@ -2,10 +2,16 @@
 
 The best is read from the Optuna study with :func:`orchestrator.rendering.tables.best_summary`,
 the rule the final table and ``status`` use (the final value of COMPLETE trials; the Pareto set
-with several objectives), so the live line never claims a best the table does not show.
+with several objectives), so the live line never claims a best the table does not show. On
+the sweep's driver the study is the searcher's, in memory
+(:func:`~orchestrator.stores.study_cache.written_study`). The line counts every trial Tune
+knows, so on a terminal it is redrawn at most :data:`REDRAWS_PER_S` times a second: a sweep
+of thousands of one-second trials would otherwise count them thousands of times a second.
 """
 
 from __future__ import annotations
+
+import time
 
 import optuna
 from ray.tune import Callback
@@ -16,10 +22,13 @@ from orchestrator.entities.credentials import MaskedWhenPickled, reveal
 from orchestrator.rendering.console import console
 from orchestrator.rendering.tables import best_summary
 from orchestrator.stores.study import load_study_from
+from orchestrator.stores.study_cache import written_study
 from trainer import metrics as M
 from trainer.trainable import TRIAL_ERROR
 
-__all__ = ["SweepProgress", "trial_outcome"]
+__all__ = ["REDRAWS_PER_S", "SweepProgress", "trial_outcome"]
+
+REDRAWS_PER_S = 4
 
 
 def trial_outcome(trial, max_epochs: int) -> str:
@@ -37,7 +46,12 @@ class SweepProgress(MaskedWhenPickled, Callback):
 
     # Tune pickles callbacks into the sweep directory: no password, no live objects.
     _secret_fields = ("study_storage",)
-    _fresh_fields = (("_live", lambda: None), ("_best", lambda: None), ("_study", lambda: None))
+    _fresh_fields = (
+        ("_live", lambda: None),
+        ("_best", lambda: None),
+        ("_study", lambda: None),
+        ("_drawn", lambda: 0.0),
+    )
 
     def __init__(
         self, num_samples: int, max_epochs: int, study_storage: str, study_name: str
@@ -49,12 +63,16 @@ class SweepProgress(MaskedWhenPickled, Callback):
         self._best: str | None = None
         self._study: optuna.Study | None = None
         self._live: Live | None = None
+        self._drawn = 0.0  # time.monotonic() of the last redraw
 
     @property
     def best(self) -> str:
         if self._best is None:  # read again after each finished trial
             if self._study is None:
-                self._study = load_study_from(reveal(self.study_storage), self.study_name)
+                url = reveal(self.study_storage)
+                self._study = written_study(url, self.study_name) or load_study_from(
+                    url, self.study_name
+                )
             self._best = best_summary(self._study)
         return self._best
 
@@ -69,11 +87,13 @@ class SweepProgress(MaskedWhenPickled, Callback):
             f"{counts['running']} running | {self.best}"
         )
 
-    def _draw(self, trials: list) -> None:
-        """Redraw the live line on a terminal; elsewhere (a pipe, a log) only the final line
-        is printed, whole, at the end."""
-        if not console.is_terminal:
+    def _draw(self, trials: list, *, last: bool = False) -> None:
+        """Redraw the live line on a terminal (the `last` time in any case); elsewhere (a
+        pipe, a log) only the final line is printed, whole, at the end."""
+        now = time.monotonic()
+        if not console.is_terminal or (now - self._drawn < 1 / REDRAWS_PER_S and not last):
             return
+        self._drawn = now
         if self._live is None:
             # Other output must not be drawn above the line: it belongs in the log file.
             self._live = Live(
@@ -107,7 +127,7 @@ class SweepProgress(MaskedWhenPickled, Callback):
         if not console.is_terminal:
             console.print(self.line(trials), soft_wrap=True, highlight=False)
             return
-        self._draw(trials)
+        self._draw(trials, last=True)
         if self._live is not None:
             self._live.stop()
             self._live = None

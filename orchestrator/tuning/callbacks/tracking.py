@@ -31,6 +31,7 @@ from orchestrator.entities.credentials import MaskedWhenPickled
 from orchestrator.entities.names import ERROR, PRUNED_TAG, RAY_TRIAL_ID, SWEEP_TAG, TRIAL_NUMBER
 from orchestrator.entities.sweep import SweepTarget
 from orchestrator.stores.study import load_study_from, reading_storage
+from orchestrator.stores.study_cache import written_trial
 from orchestrator.stores.tracking.figures import FIGURES_OP
 from orchestrator.stores.tracking.runs import flatten, now_ms
 from orchestrator.stores.tracking.summary import flush_writer, open_writer, summarize_sweep
@@ -81,7 +82,10 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
         return self._writer
 
     def _outcome(self, number: int) -> optuna.trial.FrozenTrial:
-        """Trial `number` as the study has it."""
+        """Trial `number` as the study has it (from the searcher's memory on this driver)."""
+        target = self.target.revealed()
+        if (frozen := written_trial(target.study_storage, target.name, number)) is not None:
+            return frozen
         if self._storage is None:
             self._storage = reading_storage(self.target.revealed().study_storage)
         study_id = self._storage.get_study_id_from_name(self.target.name)
