@@ -25,8 +25,9 @@ so searchers, scheduler and MLflow callbacks handle results of the real size.
 
 Printed: per path the wall time against the ideal (trials x seconds / 16) and against bare;
 where the driver's time went (the searcher's, scheduler's and callbacks' hooks and Tune's
-experiment snapshots, timed on the driver, and the CPU time of the driver's main thread and
-of its other threads); Optuna's ask latency (a new trial's whole configuration) per block of
+experiment snapshots, timed on the driver; the CPU time of the driver's main thread, of its
+other threads, of its child processes that ended (ours: the MLflow writer) and of the whole
+machine, Ray's processes included); Optuna's ask latency (a new trial's whole configuration) per block of
 trials for stock and ours; and for ours, how long ``orchestrate status NAME`` and
 ``orchestrate report NAME`` take on the finished sweep, and the end of the sweep (the parent
 run's summary after the writer's last writes, the report).
@@ -42,6 +43,7 @@ import json
 import logging
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -137,6 +139,8 @@ class PathRun:
     driver: dict[str, float]  # label -> seconds on the driver
     main_cpu: float  # CPU seconds of the driver's main thread (Tune's loop)
     other_cpu: float  # CPU seconds of the driver process's other threads
+    child_cpu: float  # CPU seconds of the driver's child processes that ended (the writer)
+    machine_cpu: float  # CPU seconds the whole machine spent (every process)
     asks: list[float] = field(default_factory=list)  # seconds per ask, in order
     stores: dict[str, float] = field(default_factory=dict)  # ours: status, report, ...
     stopped: bool = False  # stopped at its time budget
@@ -191,12 +195,28 @@ def measure(
     """Time `run()` (returns the trials that ended) with `methods` timed."""
     with timed_methods(methods) as calls:
         main, process = time.thread_time(), time.process_time()
+        children, busy = children_cpu(), machine_busy()
         start = time.perf_counter()
         trials = run()
         wall = time.perf_counter() - start
         main, process = time.thread_time() - main, time.process_time() - process
+        children, busy = children_cpu() - children, machine_busy() - busy
     driver = {label: sum(calls.get(label, [])) for label, owners in methods.items() if owners}
-    return PathRun(name, trials, wall, driver, main, process - main, list(calls[ask_label]))
+    cpu = (main, process - main, children, busy)
+    return PathRun(name, trials, wall, driver, *cpu, list(calls[ask_label]))
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine has spent not idle since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def ended(results: tune.ResultGrid) -> int:
@@ -345,6 +365,9 @@ def driver_table(runs: dict[str, PathRun]) -> None:
         ("CPU of the driver's main thread (Tune's loop)", {n: r.main_cpu for n, r in runs.items()})
     )
     rows.append(("CPU of the driver's other threads", {n: r.other_cpu for n, r in runs.items()}))
+    children = {n: r.child_cpu for n, r in runs.items()}
+    rows.append(("CPU of its child processes (ours: MLflow writer)", children))
+    rows.append(("CPU of the whole machine", {n: r.machine_cpu for n, r in runs.items()}))
     for label, cells in rows:
         text = []
         for name, seconds in cells.items():
