@@ -217,6 +217,10 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
         return all(m in result for m in self.metrics)
 
     def get_state(self) -> dict[str, Any]:
+        """What Tune saves with its experiment state; the study's database has every write
+        of the trials in it by then (:meth:`SoleWriterCache.flush`)."""
+        if self._study is not None:
+            self._study._storage.flush()
         return {
             "numbers": self.numbers,
             "storage_ids": self._storage_ids,

@@ -31,7 +31,7 @@ from orchestrator.entities.credentials import MaskedWhenPickled
 from orchestrator.entities.names import ERROR, PRUNED_TAG, RAY_TRIAL_ID, SWEEP_TAG, TRIAL_NUMBER
 from orchestrator.entities.sweep import SweepTarget
 from orchestrator.stores.study import load_study_from, reading_storage
-from orchestrator.stores.study_cache import written_trial
+from orchestrator.stores.study_cache import flush_written_study, written_trial
 from orchestrator.stores.tracking.figures import FIGURES_OP
 from orchestrator.stores.tracking.runs import flatten, now_ms
 from orchestrator.stores.tracking.summary import flush_writer, open_writer, summarize_sweep
@@ -184,9 +184,11 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         """Summarise the sweep on the parent run (:func:`summarize_sweep`) and wait for the
         writer to apply everything."""
+        target = self.target.revealed()
+        flush_written_study(target.study_storage, target.name)  # the study's last writes
         summarize_sweep(
             self.writer,
-            load_study_from(self.target.revealed().study_storage, self.target.name),
+            load_study_from(target.study_storage, target.name),
             self.metrics,
             {t.config[TRIAL_NUMBER]: t.checkpoint.path for t in trials if t.checkpoint},
             finished=all(t.status in ("TERMINATED", "ERROR") for t in trials),
