@@ -27,10 +27,10 @@ Printed: per path the wall time against the ideal (trials x seconds / 16) and ag
 where the driver's time went (the searcher's, scheduler's and callbacks' hooks and Tune's
 experiment snapshots, timed on the driver; the CPU time of the driver's main thread, of its
 other threads, of its child processes that ended (ours: the MLflow writer) and of the whole
-machine, Ray's processes included); Optuna's ask latency (a new trial's whole configuration) per block of
-trials for stock and ours; and for ours, how long ``orchestrate status NAME`` and
-``orchestrate report NAME`` take on the finished sweep, and the end of the sweep (the parent
-run's summary after the writer's last writes, the report).
+machine, Ray's processes included); Optuna's ask latency (a new trial's whole
+configuration) per block of trials for stock and ours; and for ours, how long ``orchestrate
+status NAME`` and ``orchestrate report NAME`` take on the finished sweep, and the end of
+the sweep (the parent run's summary after the writer's last writes, the report).
 
     .venv/bin/python bench/bench_scale.py                 # 2,000 trials (32 min at load 16)
     .venv/bin/python bench/bench_scale.py --trials 100    # a smoke run (4 min at load 15)

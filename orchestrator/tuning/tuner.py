@@ -46,23 +46,18 @@ def trial_resources(spec: SpaceSpec, gpus: int) -> dict[str, float]:
 
 
 def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int:
-    """Bound on trials at once: the user's when fewer than the cluster's GPUs (as granted by
-    `--gpus`) and CPUs hold, else one more than they hold. Always set: without a limit Tune
-    keeps one trial of a custom searcher pending at a time, so trials start one actor after
-    another (and a trial that ends before the next node's actor is up takes that node's
-    trial: the node gets none).
-    The one more waits for the next free slot: Tune reuses the actor of a trial that ends
-    only for a trial waiting for its resources, and otherwise stops it and starts a new
-    process for the next trial (at 16 one-second trials at a time, that was most of the
-    machine's work; docs/benchmarks.md)."""
+    """Bound on trials at once: the user's, what `--gpus` allows on a shared cluster, and
+    what the cluster's CPUs hold. Always set: without a limit Tune keeps one trial of a custom
+    searcher pending at a time, so trials start one actor after another (and a trial that
+    ends before the next node's actor is up takes that node's trial: the node gets none).
+    Not more than the slots: a trial waiting for one would have Ray start a new actor for it
+    as often as Tune reuses the actor of a trial that ended (measured: docs/benchmarks.md)."""
     res = trial_resources(spec, record.gpus)
-    held = [int(ray.cluster_resources().get("CPU", 0) / res["cpu"])]
+    limits = [record.max_concurrent] if record.max_concurrent else []
     if res["gpu"] > 0:
-        held.append(int(record.gpus / res["gpu"]))
-    fit = max(1, min(held))
-    if record.max_concurrent and record.max_concurrent < fit:
-        return record.max_concurrent  # at most that many: none waits beyond them
-    return fit + 1
+        limits.append(max(1, int(record.gpus / res["gpu"])))
+    limits.append(max(1, int(ray.cluster_resources().get("CPU", 0) / res["cpu"])))
+    return min(limits)
 
 
 def trial_dirname(trial) -> str:
