@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -159,3 +160,18 @@ def test_a_journaled_figures_write_is_drawn_by_the_next_sweep_writer(store, tmp_
     (run,) = client.search_runs([experiment], query)
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert logged == [EXIT_ACCURACY_FIGURE]
+
+
+def test_the_writer_process_stops_when_the_driver_is_gone(store, tmp_path):
+    """A driver that dies closes its end of the pipe: the child stops retrying at once and
+    leaves what it has not applied in the journal for the next writer."""
+    _, _, experiment = store
+    writer = _writer(DEAD_SERVER, experiment, "parent", "gone", tmp_path)
+    for write in [_run(0, "gone", "parent"), _epoch(0, 1, 0.5)]:
+        writer.submit(write)
+    time.sleep(1.0)  # the child is retrying against the dead server
+    assert writer._process.is_alive()
+    writer._wake.close()  # what the operating system does when the driver is killed
+    writer._process.join(timeout=10)
+    assert writer._process.exitcode == 0
+    assert len((tmp_path / JOURNAL_FILE).read_text().splitlines()) == 2
