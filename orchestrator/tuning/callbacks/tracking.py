@@ -87,8 +87,8 @@ class MlflowTrackingCallback(MaskedWhenPickled, Callback):
         if (frozen := written_trial(target.study_storage, target.name, number)) is not None:
             return frozen
         if self._storage is None:
-            self._storage = reading_storage(self.target.revealed().study_storage)
-        study_id = self._storage.get_study_id_from_name(self.target.name)
+            self._storage = reading_storage(target.study_storage)
+        study_id = self._storage.get_study_id_from_name(target.name)
         return self._storage.get_trial(
             self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
         )
