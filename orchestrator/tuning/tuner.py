@@ -18,6 +18,7 @@ from orchestrator.entities.space import SpaceSpec
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.tuning.callbacks.report import ReportCallback
 from orchestrator.tuning.callbacks.tracking import MlflowTrackingCallback
+from orchestrator.tuning.first_wave import gate_first_wave
 from orchestrator.tuning.scheduler import OptunaPruningScheduler
 from orchestrator.tuning.searcher import OptunaSearcher
 from trainer.trainable import train_job
@@ -119,18 +120,20 @@ def sweep_tuner(
 ) -> tune.Tuner:
     """The sweep's Tuner: Optuna proposes and prunes, MLflow records, the report is written
     at the end; `callbacks` run after those. `trainable` runs each trial: the training, or a
-    stand-in with the same results (bench/bench_scale.py)."""
+    stand-in with the same results (bench/bench_scale.py); the first trials start together
+    (:mod:`orchestrator.tuning.first_wave`)."""
     searcher = OptunaSearcher(
         spec, record.study_storage, record.name, num_samples=record.num_samples
     )
     tracking = MlflowTrackingCallback(record.target, spec.search.metric, spec.search.mode)
+    limit = concurrency_limit(spec, record)
     return build_tuner(
-        trainable,
+        gate_first_wave(trainable, min(limit, record.num_samples)),
         spec,
         gpus=record.gpus,
         searcher=searcher,
         scheduler=OptunaPruningScheduler(searcher),
-        max_concurrent=concurrency_limit(spec, record),
+        max_concurrent=limit,
         name=record.name,
         storage_path=record.storage_path,
         num_samples=record.num_samples,
