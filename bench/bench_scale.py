@@ -32,7 +32,7 @@ configuration) per block of trials for stock and ours; and for ours, how long ``
 status NAME`` and ``orchestrate report NAME`` take on the finished sweep, and the end of
 the sweep (the parent run's summary after the writer's last writes, the report).
 
-    .venv/bin/python bench/bench_scale.py                 # 2,000 trials (32 min at load 16)
+    .venv/bin/python bench/bench_scale.py                 # 2,000 trials (11 min, idle 2 cores)
     .venv/bin/python bench/bench_scale.py --trials 100    # a smoke run (4 min at load 15)
 """
 
