@@ -188,7 +188,7 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
 
         def create() -> FrozenTrial:
             # One attempt: Optuna's own loop would repeat an attempt whose answer was lost.
-            if template_trial is None:  # a new trial starts when the database has it
+            if template.state == TrialState.RUNNING:  # it starts when the database has it
                 template.datetime_start = datetime.now()
             with _create_scoped_session(self.scoped_session) as session:
                 models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)

@@ -23,13 +23,16 @@ the searcher counts the trials the study has handed out and says FINISHED at the
 It reads the study for orphans and for that count once per driver (at its first suggestion),
 not per trial: a sweep of thousands of trials pays no scan of the study per trial.
 
-Asking Optuna (TPE's cost grows with the study) happens ahead of demand, on a thread, one
-trial at a time: when a trial is handed out and the budget holds at least two more, the next
-is asked while Tune runs (the budget's last trial is asked when it is wanted, with all the
-study knows by then). A trial asked ahead is RUNNING in the study (the constant liar
-counts it) but has no Tune trial yet; after a driver crash it is an orphan like any other.
-Nothing is asked ahead without a budget or with a time budget, where the sweep may end
-before the trial is wanted (it would be left RUNNING).
+Optuna's sampler runs in a process of its own, on a mirror of the study
+(:mod:`orchestrator.tuning.sampler_process`): TPE's cost grows with the study, and on the
+driver it held the interpreter lock that Tune's loop needs. The driver writes each trial the
+mirror asks for to the study, and tells the mirror how each trial ended. Asking happens ahead
+of demand, on a thread, one trial at a time: when a trial is handed out and the budget holds
+at least two more, the next is asked while Tune runs (the budget's last trial is asked when
+it is wanted, with all the study knows by then). A trial asked ahead is RUNNING in the study
+(the constant liar counts it) but has no Tune trial yet; after a driver crash it is an orphan
+like any other. Nothing is asked ahead without a budget or with a time budget, where the
+sweep may end before the trial is wanted (it would be left RUNNING).
 """
 
 from __future__ import annotations
@@ -44,15 +47,13 @@ from ray.tune.search import Searcher
 from orchestrator.entities.credentials import MaskedWhenPickled, reveal
 from orchestrator.entities.names import EPOCHS_ATTR, ERROR, RAY_TRIAL_ID, TRIAL_NUMBER
 from orchestrator.entities.space import SpaceSpec, decode_params
-from orchestrator.stores.study import open_study, suggest_params
+from orchestrator.stores.study import open_study
 from orchestrator.stores.study_cache import register_written_study
+from orchestrator.tuning.sampler_process import SamplerProcess
 from trainer import metrics as M
-from trainer.config import ConfigError
 from trainer.trainable import TRIAL_ERROR
 
 __all__ = ["OptunaSearcher"]
-
-_MAX_INVALID_ASKS = 100
 
 
 class OptunaSearcher(MaskedWhenPickled, Searcher):
@@ -66,6 +67,7 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
         ("_synced", set),
         ("_orphans", lambda: None),
         ("_handed", lambda: None),
+        ("_sampler", lambda: None),
         ("_asker", lambda: None),
         ("_ahead", lambda: None),
     )
@@ -92,8 +94,9 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
         # Read from the study at the driver's first suggestion (see the module doc):
         self._orphans: list[optuna.trial.FrozenTrial] | None = None
         self._handed: int | None = None  # trials of the study a Tune trial ran or runs
+        self._sampler: SamplerProcess | None = None  # started at the first suggestion
         self._asker: ThreadPoolExecutor | None = None
-        self._ahead: Future[tuple[optuna.Trial, dict[str, Any]]] | None = None
+        self._ahead: Future[tuple[int, int, dict[str, Any]]] | None = None
 
     @property
     def study(self) -> optuna.Study:
@@ -134,10 +137,11 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
             counted = RAY_TRIAL_ID in orphan.user_attrs
             return self._hand_out(trial_id, orphan.number, orphan._trial_id, overrides, counted)
         if self.num_samples is not None and self._handed >= self.num_samples:
+            self._close_sampler()
             return Searcher.FINISHED
         ahead, self._ahead = self._ahead, None
-        trial, overrides = ahead.result() if ahead is not None else self._new_trial()
-        config = self._hand_out(trial_id, trial.number, trial._trial_id, overrides, False)
+        number, storage_id, overrides = ahead.result() if ahead is not None else self._new_trial()
+        config = self._hand_out(trial_id, number, storage_id, overrides, False)
         if self._asks_ahead() and self._handed + 1 < self.num_samples:
             if self._asker is None:
                 self._asker = ThreadPoolExecutor(1, thread_name_prefix="optuna-ask")
@@ -148,20 +152,25 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
         """Whether every trial asked ahead will be wanted: a trial budget, no time budget."""
         return self.num_samples is not None and not self.spec.search.time_budget_s
 
-    def _new_trial(self) -> tuple[optuna.Trial, dict[str, Any]]:
-        """A new trial of the study and its overrides; configurations no job config accepts
-        are told FAIL (with why) and asked again."""
-        for _ in range(_MAX_INVALID_ASKS):
-            trial = self.study.ask()
-            overrides = decode_params(self.spec, suggest_params(self.spec, trial))
-            try:
-                self.spec.job_for(overrides)
-            except ConfigError as err:  # a combination no job config accepts
-                trial.set_user_attr(ERROR, f"never ran: {err}")
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            return trial, overrides
-        raise ConfigError(f"{self.spec.source}: no valid configuration in {_MAX_INVALID_ASKS} asks")
+    def _new_trial(self) -> tuple[int, int, dict[str, Any]]:
+        """A new trial of the study, asked of the sampler's process: its number, storage id
+        and overrides. The configurations it refused are written to the study too (FAIL)."""
+        if self._sampler is None:
+            self._sampler = SamplerProcess(self.spec, self.study.get_trials(deepcopy=False))
+        asked = self._sampler.ask()
+        for refused in asked.refused:
+            self.study.add_trial(refused)
+        storage = self.study._storage
+        storage_id = storage.create_new_trial(self.study._study_id, template_trial=asked.trial)
+        self._sampler.bind(asked.mirror_id, storage_id)
+        number = storage.get_trial(storage_id).number
+        return number, storage_id, decode_params(self.spec, asked.trial.params)
+
+    def _close_sampler(self) -> None:
+        """The budget is handed out: nothing more will be asked."""
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
 
     def report(self, trial_id: str, result: dict[str, Any]) -> bool:
         """Record an intermediate value; True when the pruner says stop this trial."""
@@ -212,6 +221,8 @@ class OptunaSearcher(MaskedWhenPickled, Searcher):
             self.study.tell(self._trial(trial_id), state=state.PRUNED)
         else:
             self.study.tell(self._trial(trial_id), [float(result[m]) for m in self.metrics])
+        if self._sampler is not None:
+            self._sampler.finish(self.study._storage.get_trial(self._storage_ids[trial_id]))
 
     def _has_objectives(self, result: dict[str, Any]) -> bool:
         return all(m in result for m in self.metrics)
