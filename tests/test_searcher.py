@@ -8,7 +8,6 @@ Ray Tune, real Optuna storage) and reads the studies back.
 from __future__ import annotations
 
 import copy
-import math
 import pickle
 
 import optuna
@@ -24,28 +23,11 @@ from orchestrator.stores.study import open_study
 from orchestrator.tuning.scheduler import OptunaPruningScheduler, failure_reason
 from orchestrator.tuning.searcher import OptunaSearcher
 from sweep_helpers import short_digits_space
+from toy_curve import EPOCHS, METRIC, full_budget_value, toy_trainable
 from trainer import metrics as M
 from trainer.trainable import TRIAL_ERROR
 
 State = optuna.trial.TrialState
-EPOCHS = 4
-METRIC = M.MEAN_EXIT_ACC
-
-
-def _quality(lr: float) -> float:
-    """Final accuracy of a toy model: best at lr = 0.05 (log scale)."""
-    return 0.95 * math.exp(-((math.log(lr / 0.05)) ** 2))
-
-
-def _full_budget_value(lr: float) -> float:
-    return _quality(lr) * (1 - 0.5**EPOCHS) - 1e-12
-
-
-def toy_trainable(config: dict) -> None:
-    """A learning curve that rises towards _quality(lr); no training involved."""
-    lr = config["overrides"]["optim.lr"] if "overrides" in config else config["optim.lr"]
-    for epoch in range(1, EPOCHS + 1):
-        tune.report({M.EPOCH: epoch, METRIC: _quality(lr) * (1 - 0.5**epoch)})
 
 
 def _fit(tmp_path, name: str, **tune_config) -> None:
@@ -86,7 +68,7 @@ def test_stock_optuna_search_records_stopped_trials_as_complete_but_ours_prunes(
     stock_trials = optuna.load_study(study_name="stock", storage=stock_storage).trials
     # The curve is deterministic: a value below the full-budget one is a partial-budget value.
     assert all(t.state == State.COMPLETE for t in stock_trials)
-    partial = [t for t in stock_trials if t.value < _full_budget_value(t.params["optim.lr"])]
+    partial = [t for t in stock_trials if t.value < full_budget_value(t.params["optim.lr"])]
     assert partial, "stock ASHA stopped nothing early"
 
     ours = optuna.load_study(study_name="ours", storage=ours_url).trials
@@ -94,7 +76,7 @@ def test_stock_optuna_search_records_stopped_trials_as_complete_but_ours_prunes(
     assert {t.state for t in ours} == {State.COMPLETE, State.PRUNED}
     for t in ours:
         if t.state == State.COMPLETE:
-            assert t.last_step == EPOCHS and t.value >= _full_budget_value(t.params["optim.lr"])
+            assert t.last_step == EPOCHS and t.value >= full_budget_value(t.params["optim.lr"])
         else:
             assert t.last_step < EPOCHS
 
