@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from ray import tune
 
@@ -71,3 +74,10 @@ def test_train_job_under_tuner_reports_every_metric(local_ray, tmp_path):
         assert list(history[M.EPOCH]) == [1, 2]
         assert 0.0 <= result.metrics[M.exit_acc(2)] <= 1.0
         assert result.metrics[M.exit_gflops(1)] < result.metrics[M.exit_gflops(2)]
+
+
+def test_importing_the_trainable_leaves_torchvision_out():
+    """Every trial actor and Tune's driver import the trainable: torchvision would cost each
+    about two seconds of CPU (it is imported to decode images or build a ResNet)."""
+    probe = "import sys, trainer.trainable; print('torchvision' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "False"

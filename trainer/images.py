@@ -12,6 +12,10 @@ file list: every file's relative path, size and modification time, in order. Add
 removing, replacing or touching a file changes the fingerprint, so the next job decodes
 again and replaces the stale entry. Two jobs that start together take a file lock; the
 first decodes and publishes with an atomic rename, the second waits and maps the result.
+
+torchvision is imported when something is decoded: it costs every process that imports it
+about two seconds of CPU, which a job on the digits, or one that maps a cache entry, need not
+pay.
 """
 
 from __future__ import annotations
@@ -30,8 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.errors import DataError
 
@@ -199,6 +201,8 @@ def _decode_into(
 
 def _decode_chunk(paths: Sequence[str], size: int, device: torch.device) -> torch.Tensor:
     """uint8 [n, 3, size, size] on CPU: JPEGs in one batched call on `device`, others singly."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # noqa: PLC0415  (module doc)
+
     data = [_read(p) for p in paths]
     images: list[torch.Tensor | None] = [None] * len(paths)
     jpegs = [i for i, d in enumerate(data) if bytes(d[:3].tolist()) == _JPEG_MAGIC]
@@ -219,6 +223,8 @@ def _decode_chunk(paths: Sequence[str], size: int, device: torch.device) -> torc
 
 
 def _read(path: str) -> torch.Tensor:
+    from torchvision.io import read_file  # noqa: PLC0415  (module doc)
+
     try:
         return read_file(path)
     except RuntimeError as err:
@@ -226,6 +232,8 @@ def _read(path: str) -> torch.Tensor:
 
 
 def _decode_one(path: str, decoder, data: torch.Tensor) -> torch.Tensor:
+    from torchvision.io import ImageReadMode  # noqa: PLC0415  (module doc)
+
     try:
         return decoder(data, mode=ImageReadMode.RGB)
     except RuntimeError as err:
@@ -244,6 +252,8 @@ def _decode_pil(path: str) -> torch.Tensor:
 def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
     """[3, H, W] -> [3, size, size]: shorter side resized to `size` (antialiased bilinear,
     like PIL), then centre-cropped."""
+    from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415  (module doc)
+
     if image.shape[-2:] == (size, size):
         return image
     return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])

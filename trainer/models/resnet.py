@@ -1,7 +1,9 @@
 """ResNets as flat block lists: ResNet-18/34/50 and He et al.'s CIFAR ResNets 20/32/56/110.
 
 ResNet-18/34/50 take a CIFAR (3x3/1) or ImageNet (7x7/2 + pool) stem; torchvision's ResNet
-bakes in the ImageNet stem, so only its block classes are reused here.
+bakes in the ImageNet stem, so only its block classes are reused here, imported when a ResNet
+is built: importing torchvision costs every process about two seconds of CPU (its models
+import torch._dynamo), which a trial of another backbone, or Tune's driver, need not pay.
 
 resnet20/32/56/110 (https://arxiv.org/abs/1512.03385, §4.2): a 3x3 conv to 16 channels, then
 3 stages of n basic blocks at widths 16, 32, 64 (6n + 2 layers with weights). Their shortcuts
@@ -14,21 +16,23 @@ the ImageNet ResNets) would add parameters and FLOPs the paper's CIFAR numbers d
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from trainer.models.layers import StemKind, make_stem
 from trainer.models.registry import Backbone, register_backbone
 
 Shortcut = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride)
+BlockName = Literal["BasicBlock", "Bottleneck"]  # torchvision's block classes
 
 
 def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
     """Option B: 1x1 conv (strided) + BN."""
-    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
 
 
 class ZeroPadShortcut(nn.Module):
@@ -44,7 +48,7 @@ class ZeroPadShortcut(nn.Module):
 
 
 def _resnet(
-    block: type[BasicBlock | Bottleneck],
+    block_name: BlockName,
     depths: tuple[int, ...],
     in_channels: int,
     stem: StemKind,
@@ -53,6 +57,9 @@ def _resnet(
     shortcut: Shortcut = projection_shortcut,
 ) -> Backbone:
     """Stages of `depths` blocks at `planes` widths; `shortcut` where a block changes shape."""
+    from torchvision.models import resnet  # noqa: PLC0415  (see module doc)
+
+    block = getattr(resnet, block_name)
     blocks: list[nn.Module] = []
     channels, strides, widths = [], [], []
     inplanes = planes[0]
@@ -81,25 +88,25 @@ def _resnet(
 @register_backbone("resnet18")
 def resnet18(*, in_channels: int, stem: StemKind) -> Backbone:
     """8 BasicBlocks, 512 output channels."""
-    return _resnet(BasicBlock, (2, 2, 2, 2), in_channels, stem)
+    return _resnet("BasicBlock", (2, 2, 2, 2), in_channels, stem)
 
 
 @register_backbone("resnet34")
 def resnet34(*, in_channels: int, stem: StemKind) -> Backbone:
     """16 BasicBlocks, 512 output channels."""
-    return _resnet(BasicBlock, (3, 4, 6, 3), in_channels, stem)
+    return _resnet("BasicBlock", (3, 4, 6, 3), in_channels, stem)
 
 
 @register_backbone("resnet50")
 def resnet50(*, in_channels: int, stem: StemKind) -> Backbone:
     """16 Bottlenecks, 2048 output channels."""
-    return _resnet(Bottleneck, (3, 4, 6, 3), in_channels, stem)
+    return _resnet("Bottleneck", (3, 4, 6, 3), in_channels, stem)
 
 
 def _cifar_resnet(n: int, in_channels: int, stem: StemKind) -> Backbone:
     """3n BasicBlocks at widths 16/32/64 with option-A shortcuts, 64 output channels."""
     return _resnet(
-        BasicBlock, (n, n, n), in_channels, stem, planes=(16, 32, 64), shortcut=ZeroPadShortcut
+        "BasicBlock", (n, n, n), in_channels, stem, planes=(16, 32, 64), shortcut=ZeroPadShortcut
     )
 
 
