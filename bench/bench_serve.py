@@ -10,8 +10,13 @@ threshold: accuracy and mean GFLOPs per image on the whole test split (uint8, as
 sends them), and throughput at batch 1 and batch 128 of the served model on `--images` test
 images drawn at random (seeded; the split is stored class by class, so its first images are
 all airplanes); beside it the full network: normalisation, stem, every block and the last
-exit's head only (the raw network from ``mlflow.pytorch.load_model``), which is what a
-single-exit deployment runs.
+exit's head only (the raw network the served model holds), which is what a single-exit
+deployment runs. Both run in the served model's memory format (channels_last) and precision
+(bf16 autocast for a network trained with `--precision bf16`, else float32); a row "full
+NCHW" runs the full network in training's memory format, to show what channels_last buys on
+the CPU. A last line
+counts the test images the served model sends out otherwise (exit or class) than the
+trainer's own anytime evaluation, which runs the network in training's memory format.
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
@@ -25,6 +30,7 @@ sets torch's threads for the measurement (training uses torch's default).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import json
@@ -36,25 +42,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import pandas as pd
 import torch
 from _common import machine, versions
+from mlflow.pyfunc import PyFuncModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer import metrics as M
 from trainer.config import parse_job_config
-from trainer.engine import CHECKPOINT_FILE, build_job, fit, load_checkpoint, save_checkpoint
+from trainer.engine import (
+    CHECKPOINT_FILE,
+    build_job,
+    fit,
+    load_checkpoint,
+    predict,
+    save_checkpoint,
+)
 from trainer.images import user_cache_dir
 from trainer.models import MultiExitNet
 from trainer.pixels import normalise, pixel_affine
-from trainer.serving import log_servable_model
+from trainer.precision import autocast_dtype
+from trainer.serving import METADATA_KEY, ServingSpec, log_servable_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
-THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
 
 
 def job_dict(root: Path, args) -> dict:
@@ -69,7 +83,13 @@ def job_dict(root: Path, args) -> dict:
         "model": {"arch": "resnet20", "exits": [3, 5, 7, 9]},
         "loss": {"kind": args.kind},
         "optim": {"name": "sgd", "lr": 0.1, "schedule": "cosine", "weight_decay": 5.0e-4},
-        "train": {"epochs": args.epochs, "batch_size": 128, "device": "cpu", "seed": args.seed},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": 128,
+            "device": "cpu",
+            "seed": args.seed,
+            "precision": args.precision,
+        },
     }
 
 
@@ -91,14 +111,32 @@ def trained_job(config: dict):
 
 
 class FullNetwork:
-    """Always the whole network: normalise, stem, every block, the last exit's head."""
+    """Always the whole network: normalise, stem, every block, the last exit's head; in the
+    served model's memory format and precision, on its raw network."""
 
-    def __init__(self, network: MultiExitNet, mean, std, shape: tuple[int, ...]) -> None:
-        self.network = network.eval()
-        self.scale, self.shift = pixel_affine(mean, std)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            self.forward(torch.zeros(1, *shape))
+    def __init__(
+        self,
+        served: PyFuncModel,
+        shape: tuple[int, ...],
+        memory_format: torch.memory_format = torch.channels_last,
+    ) -> None:
+        self.network: MultiExitNet = served.get_raw_model()  # eval, channels_last, CPU
+        if memory_format != torch.channels_last:
+            self.network = copy.deepcopy(self.network).to(memory_format=memory_format)
+        self.memory_format = memory_format
+        spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
+        self.scale, self.shift = pixel_affine(spec.mean, spec.std)
+        self.dtype = autocast_dtype(spec.precision, torch.device("cpu"))
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), self.autocast():
+            self.forward(self.inputs(np.zeros((1, *shape), dtype=np.uint8)))
         self.gflops = counter.get_total_flops() / 1e9
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images).contiguous(memory_format=self.memory_format)
+        return normalise(x, self.scale, self.shift)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", self.dtype, enabled=self.dtype is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.network.backbone.stem(x)
@@ -108,17 +146,22 @@ class FullNetwork:
 
     @torch.no_grad()
     def predict(self, images: np.ndarray) -> pd.DataFrame:
-        x = normalise(torch.from_numpy(images), self.scale, self.shift)
-        classes = self.forward(x).argmax(dim=-1).numpy()
+        with self.autocast():
+            classes = self.forward(self.inputs(images)).argmax(dim=-1).numpy()
         exit_ = self.network.num_exits
         return pd.DataFrame({"class": classes, "exit": exit_, "gflops": self.gflops})
 
 
 @torch.no_grad()
-def stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int = 7) -> None:
-    """Per stage of the network (stem, each block, each exit's head) on the batch `x`: its
-    share of the FLOPs and of the time (median of `rounds`), and what reaching each exit
+def stage_costs(full: FullNetwork, images: np.ndarray, rounds: int = 7) -> None:
+    """Per stage of the network (stem, each block, each exit's head) on the batch `images`:
+    its share of the FLOPs and of the time (median of `rounds`), and what reaching each exit
     costs in time against the full network (stem, every block, the last head)."""
+    with full.autocast():
+        _stage_costs(full.network, full.inputs(images), rounds)
+
+
+def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> None:
     parts: list[tuple[str, torch.nn.Module, torch.Tensor]] = [("stem", network.backbone.stem, x)]
     h = network.backbone.stem(x)
     for index, (block, head) in enumerate(network.stages(), start=1):
@@ -167,6 +210,7 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
     parser.add_argument("--images", type=int, default=2048, help="test images timed")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per row")
@@ -194,9 +238,9 @@ def main() -> None:
         with mlflow.start_run(experiment_id=experiment):
             info = log_servable_model(job.model, job.cfg, job.data)
         served = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})
-        network = mlflow.pytorch.load_model(info.model_uri)
-    full = FullNetwork(network, job.data.mean, job.data.std, images.shape[1:])
-    predictors: dict[str, Callable] = {"full": full.predict}
+    full = FullNetwork(served, images.shape[1:])
+    training_layout = FullNetwork(served, images.shape[1:], torch.contiguous_format)
+    predictors: dict[str, Callable] = {"full": full.predict, "full NCHW": training_layout.predict}
     for t in args.thresholds:
         predictors[f"{t:g}"] = functools.partial(served.predict, params={"threshold": t})
 
@@ -209,8 +253,24 @@ def main() -> None:
             rates[name].append((images_per_second(p, b1), images_per_second(p, b128)))
         print(f"  timing round {r + 1}/{args.rounds} done; {machine()}")
     report(answers, rates, labels, job.cfg.num_exits, args)
-    stage_costs(network, normalise(torch.from_numpy(timed[:128]), full.scale, full.shift))
+    agreement(answers, job)
+    stage_costs(full, timed[:128])
     print(f"wall clock {time.perf_counter() - start:.0f} s; {machine()}")
+
+
+def agreement(answers: dict[str, pd.DataFrame], job) -> None:
+    """How many test images the served model sends out at another exit, or with another
+    class, than the trainer's anytime evaluation (its network in training's layout)."""
+    confidence, predicted = predict(job, job.data.test).logits.softmax(dim=-1).max(dim=-1)
+    differ = []
+    for name, frame in answers.items():
+        if name.startswith("full"):
+            continue
+        exits = M.exit_at_threshold(confidence, torch.tensor([float(name)]))[0]
+        classes = predicted.gather(0, exits[None])[0].numpy()
+        same = (frame["exit"].to_numpy() == exits.numpy() + 1) & (frame["class"] == classes)
+        differ.append(f"{name}: {int((~same).sum())}")
+    print(f"images served otherwise than the trainer's anytime evaluation: {', '.join(differ)}")
 
 
 def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> None:
@@ -234,7 +294,8 @@ def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> 
         cells = [name, f"{acc:.4f}", f"{100 * (acc - full_acc):+.2f}", f"{rows[name][1]:.4f}"]
         cells += [f"{b1:.1f}", f"{b128:.1f}", f"{b128 / full_b128:.2f}"]
         print("".join(f"{c:>11}" for c in cells) + f"  {shares}")
-    within = {n: r for n, r in rows.items() if n != "full" and r[0] >= full_acc - 0.005}
+    thresholds = {n: r for n, r in rows.items() if not n.startswith("full")}
+    within = {n: r for n, r in thresholds.items() if r[0] >= full_acc - 0.005}
     if not within:
         print("no threshold is within 0.5 points of the full network's accuracy: goal missed")
         return

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import BLOCKS_PER_ARCH, ModelConfig
+from trainer.metrics import exit_at_threshold
 from trainer.models import (
     BACKBONES,
     MultiExitNet,
@@ -18,6 +19,7 @@ from trainer.models import (
     exit_gflops,
     register_backbone,
 )
+from trainer.models.early_exit import early_exit
 
 NUM_CLASSES = 10
 # Input (C, H, W) per arch: digits for the convnet, CIFAR for ResNet-18 and resnet20; the
@@ -284,3 +286,27 @@ def test_weight_network_scores_every_teacher_per_sample_in_training_only() -> No
     assert {"weight_network.query.weight", "weight_network.key.weight"} <= set(model.state_dict())
     assert model.eval()(_batch("convnet")).teacher_scores is None
     assert exit_gflops(model, INPUT["convnet"]) == exit_gflops(plain, INPUT["convnet"])
+
+
+@pytest.mark.parametrize("where", ["all at exit 1", "all at the last exit", "mixed"])
+def test_early_exit_decides_as_the_full_network(where: str) -> None:
+    """early_exit's answers equal exit_at_threshold on the whole network's logits, including
+    the shortcuts where everyone, or no one, leaves at an exit."""
+    model = _model("convnet").eval()
+    x = _batch("convnet", 64)
+    with torch.no_grad():
+        confidence, predicted = model(x).logits.softmax(dim=-1).max(dim=-1)  # [K, N]
+    threshold = {
+        "all at exit 1": float(confidence[0].min()),
+        "all at the last exit": 1.0,
+        "mixed": float(confidence[:-1].median()),
+    }[where]
+    exits = exit_at_threshold(confidence, torch.tensor([threshold]))[0]
+    decision = early_exit(model, x, threshold)
+    torch.testing.assert_close(decision.exit_index, exits, rtol=0, atol=0)
+    torch.testing.assert_close(decision.predicted, predicted.gather(0, exits[None])[0])
+    torch.testing.assert_close(decision.confidence, confidence.gather(0, exits[None])[0])
+    expected_exits = {"all at exit 1": {0}, "all at the last exit": {model.num_exits - 1}}
+    assert set(exits.tolist()) == expected_exits.get(where, set(exits.tolist()))
+    if where == "mixed":
+        assert len(set(exits.tolist())) > 2

@@ -29,6 +29,7 @@ from trainer.losses import (
     teacher_weights,
 )
 from trainer.models import MultiExitNet, create_model, exit_gflops
+from trainer.precision import autocast_dtype
 
 __all__ = [
     "Job",
@@ -66,10 +67,7 @@ class Job:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        precision = self.cfg.train.precision
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        return autocast_dtype(self.cfg.train.precision, self.device)
 
     @property
     def channels_last(self) -> bool:

@@ -39,6 +39,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from trainer.models import MultiExitNet, exit_gflops
 from trainer.models.early_exit import ExitDecision, early_exit
 from trainer.pixels import normalise, pixel_affine
+from trainer.precision import autocast_dtype
 
 if TYPE_CHECKING:
     from trainer.config import JobConfig
@@ -183,14 +184,12 @@ class EarlyExitModel:
     """What ``mlflow.pyfunc.load_model`` wraps: predict(uint8 images, params) -> DataFrame."""
 
     def __init__(self, network: MultiExitNet, spec: ServingSpec, device: torch.device) -> None:
-        self.network = network.to(device).eval()
+        # channels_last on every device: oneDNN's CPU convolutions run faster on it too
+        # (docs/serving.md, "What the served model runs")
+        self.network = network.to(device, memory_format=torch.channels_last).eval()
         self.spec = spec
         self.device = device
-        self.channels_last = device.type == "cuda"  # as the trainer
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last)
-        bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.autocast_dtype = autocast_dtype(spec.precision, device)
         self.scale, self.shift = pixel_affine(spec.mean, spec.std, device)
         self.gflops = torch.tensor(spec.exit_gflops, dtype=torch.float64)
 
@@ -219,9 +218,7 @@ class EarlyExitModel:
         )
 
     def _decide(self, images: torch.Tensor, threshold: float) -> ExitDecision:
-        x = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype, enabled=dtype is not None):
             return early_exit(self.network, normalise(x, self.scale, self.shift), threshold)

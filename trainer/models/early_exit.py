@@ -43,13 +43,14 @@ def early_exit(model: MultiExitNet, x: torch.Tensor, threshold: float) -> ExitDe
         if head is None:
             continue
         conf, pred = head(h)[0].float().softmax(dim=-1).max(dim=-1)
-        last = k == model.num_exits - 1
-        leave = torch.ones_like(conf, dtype=torch.bool) if last else conf >= bar
-        done = alive[leave]
-        predicted[done], confidence[done], exit_index[done] = pred[leave], conf[leave], k
-        stay = ~leave
-        alive, h = alive[stay], h[stay]
-        if alive.numel() == 0:
+        leave = conf >= bar
+        if k == model.num_exits - 1 or bool(leave.all()):  # everyone left: nothing more to run
+            predicted[alive], confidence[alive], exit_index[alive] = pred, conf, k
             break
+        if bool(leave.any()):  # else the batch goes on whole, with no gathers
+            done = alive[leave]
+            predicted[done], confidence[done], exit_index[done] = pred[leave], conf[leave], k
+            stay = ~leave
+            alive, h = alive[stay], h[stay]
         k += 1
     return ExitDecision(predicted, confidence, exit_index)
