@@ -14,9 +14,9 @@ exit's head only (the raw network the served model holds), which is what a singl
 deployment runs. Both run in the served model's memory format (channels_last) and precision
 (bf16 autocast for a network trained with `--precision bf16`, else float32); a row "full
 NCHW" runs the full network in training's memory format, to show what channels_last buys on
-the CPU. A last line
-counts the test images the served model sends out otherwise (exit or class) than the
-trainer's own anytime evaluation, which runs the network in training's memory format.
+the CPU. A last line counts the test images the served model sends out otherwise (exit or
+class) than the trainer's own anytime evaluation, which runs the network in training's
+memory format.
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits

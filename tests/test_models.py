@@ -306,7 +306,11 @@ def test_early_exit_decides_as_the_full_network(where: str) -> None:
     torch.testing.assert_close(decision.exit_index, exits, rtol=0, atol=0)
     torch.testing.assert_close(decision.predicted, predicted.gather(0, exits[None])[0])
     torch.testing.assert_close(decision.confidence, confidence.gather(0, exits[None])[0])
-    expected_exits = {"all at exit 1": {0}, "all at the last exit": {model.num_exits - 1}}
-    assert set(exits.tolist()) == expected_exits.get(where, set(exits.tolist()))
-    if where == "mixed":
-        assert len(set(exits.tolist())) > 2
+    # the case the threshold was picked for
+    exits_taken = set(exits.tolist())
+    if where == "all at exit 1":
+        assert exits_taken == {0}
+    elif where == "all at the last exit":
+        assert exits_taken == {model.num_exits - 1}
+    else:
+        assert len(exits_taken) > 2
