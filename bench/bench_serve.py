@@ -80,7 +80,7 @@ def job_dict(root: Path, args) -> dict:
             "val_fraction": 0.02,  # 1,000 images: a cheap evaluation after each epoch
             "train_fraction": args.train_fraction,
         },
-        "model": {"arch": "resnet20", "exits": [3, 5, 7, 9]},
+        "model": {"arch": "resnet20", "exits": args.exits, "head_width": args.head_width},
         "loss": {"kind": args.kind},
         "optim": {"name": "sgd", "lr": 0.1, "schedule": "cosine", "weight_decay": 5.0e-4},
         "train": {
@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--exits", type=int, nargs="+", default=[3, 5, 7, 9], help="model.exits")
+    parser.add_argument("--head-width", type=float, default=1.0, help="model.head_width")
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
     parser.add_argument("--images", type=int, default=2048, help="test images timed")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per row")
@@ -275,14 +277,17 @@ def agreement(answers: dict[str, pd.DataFrame], job) -> None:
 
 def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> None:
     """One row per predictor: accuracy, GFLOPs, median images/s at batch 1 and 128."""
+    placement = ",".join(map(str, args.exits))
     print(
-        f"\nresnet20 (exits 3,5,7,9), {args.kind}, {args.epochs} epochs on "
-        f"{args.train_fraction:.0%} of the training set (seed {args.seed}); accuracy on the "
-        f"{len(labels)} test images, images/s on {args.images} of them (median of "
-        f"{args.rounds} interleaved passes), CPU, torch threads {torch.get_num_threads()}"
+        f"\nresnet20 (exits {placement}, head width {args.head_width}), {args.kind}, "
+        f"{args.epochs} epochs on {args.train_fraction:.0%} of the training set (seed "
+        f"{args.seed}); accuracy on the {len(labels)} test images, images/s on "
+        f"{args.images} of them (median of {args.rounds} interleaved passes), CPU, "
+        f"torch threads {torch.get_num_threads()}"
     )
     head = ["threshold", "accuracy", "Δ acc pts", "GFLOPs/img", "img/s b1", "img/s b128"]
-    print("".join(f"{h:>11}" for h in [*head, "x full b128"]) + "  share leaving at exit 1..4")
+    columns = "".join(f"{h:>11}" for h in [*head, "x full b128"])
+    print(f"{columns}  share leaving at exit 1..{exits}")
     rows = {}
     for name, frame in answers.items():
         acc = float((frame["class"].to_numpy() == labels).mean())
