@@ -18,6 +18,12 @@ the CPU. A last line counts the test images the served model sends out otherwise
 class) than the trainer's own anytime evaluation, which runs the network in training's
 memory format.
 
+Last, what stands between FLOPs and time: each stage's share of the FLOPs and of the time at
+batch 128, and, at the fastest threshold within 0.5 points of the full network, the time the
+early exit spends in each stage against the full network's (forward hooks on the stages while
+`early_exit` runs), per image it ran on; the rest is its decisions and gathers. `--exits` and
+`--head-width` set `model.exits` and `model.head_width` of the network trained.
+
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
 all rows alike; batch 1 runs over the first `--batch1-images` images of each pass. `--threads`
@@ -61,6 +67,7 @@ from trainer.engine import (
 )
 from trainer.images import user_cache_dir
 from trainer.models import MultiExitNet
+from trainer.models.early_exit import early_exit
 from trainer.pixels import normalise, pixel_affine
 from trainer.precision import autocast_dtype
 from trainer.serving import METADATA_KEY, ServingSpec, log_servable_model
@@ -161,14 +168,23 @@ def stage_costs(full: FullNetwork, images: np.ndarray, rounds: int = 7) -> None:
         _stage_costs(full.network, full.inputs(images), rounds)
 
 
-def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> None:
-    parts: list[tuple[str, torch.nn.Module, torch.Tensor]] = [("stem", network.backbone.stem, x)]
-    h = network.backbone.stem(x)
+def named_stages(network: MultiExitNet) -> list[tuple[str, torch.nn.Module]]:
+    """The stem, then each block followed by its exit head if it has one, in running order."""
+    stages: list[tuple[str, torch.nn.Module]] = [("stem", network.backbone.stem)]
     for index, (block, head) in enumerate(network.stages(), start=1):
-        parts.append((f"block {index}", block, h))
-        h = block(h)
+        stages.append((f"block {index}", block))
         if head is not None:
-            parts.append((f"exit head {index}", head, h))
+            stages.append((f"exit head {index}", head))
+    return stages
+
+
+def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> None:
+    parts: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
+    h = x
+    for name, module in named_stages(network):
+        parts.append((name, module, h))
+        if not name.startswith("exit"):
+            h = module(h)
     costs = {}
     for name, module, inputs in parts:
         with FlopCounterMode(display=False) as counter:
@@ -191,6 +207,88 @@ def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> None:
         if name.startswith("exit"):
             block = name.split()[-1]
             print(f"  leaving after block {block} costs {spent / full:.2f} of the full network")
+
+
+class StageClock:
+    """Forward hooks on each stage: the seconds spent in it and the images it ran on."""
+
+    def __init__(self, network: MultiExitNet) -> None:
+        stages = named_stages(network)
+        self.seconds = {name: 0.0 for name, _ in stages}
+        self.images = {name: 0 for name, _ in stages}
+        self.started = 0.0
+        self.handles = [
+            hook
+            for name, module in stages
+            for hook in (
+                module.register_forward_pre_hook(functools.partial(self.start, name)),
+                module.register_forward_hook(functools.partial(self.stop, name)),
+            )
+        ]
+
+    def start(self, name: str, module: torch.nn.Module, args: tuple) -> None:
+        self.images[name] += len(args[0])
+        self.started = time.perf_counter()
+
+    def stop(self, name: str, module: torch.nn.Module, args: tuple, output) -> None:
+        self.seconds[name] += time.perf_counter() - self.started
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def clocked_pass(network: MultiExitNet, run: Callable, chunks: list) -> tuple[StageClock, float]:
+    """Run `run` on every chunk with a StageClock on `network`: (the clock, total seconds)."""
+    clock = StageClock(network)
+    start = time.perf_counter()
+    for x in chunks:
+        run(x)
+    seconds = time.perf_counter() - start
+    clock.remove()
+    return clock, seconds
+
+
+@torch.no_grad()
+def early_exit_costs(full: FullNetwork, images: np.ndarray, threshold: float, rounds=5) -> None:
+    """Per stage, over `images` in batches of 128: the time the full network and the early
+    exit at `threshold` spend in it (median of `rounds` interleaved passes), the share of the
+    images it ran on in the early exit, and its time per image there against the full
+    network's; the rest of the early exit's time is its decisions and gathers."""
+    chunks = [full.inputs(chunk) for chunk in batches(images, 128)]
+    runs = {
+        "full": full.forward,
+        "early": lambda x: early_exit(full.network, x, threshold),
+    }
+    passes: dict[str, list[tuple[StageClock, float]]] = {name: [] for name in runs}
+    with full.autocast():
+        for _ in range(rounds):  # interleaved, as in the throughput rounds
+            for name, run in runs.items():
+                passes[name].append(clocked_pass(full.network, run, chunks))
+    ran = passes["early"][0][0].images  # the same images every pass
+    ms = {
+        name: {stage: 1e3 * statistics.median(c.seconds[stage] for c, _ in p) for stage in ran}
+        for name, p in passes.items()
+    }
+    total = {name: 1e3 * statistics.median(t for _, t in p) for name, p in passes.items()}
+    print(
+        f"\nthe early exit at {threshold:g} against the full network, stage by stage, over "
+        f"{len(images)} images in batches of 128 (median of {rounds} passes):"
+    )
+    print(f"  {'stage':>15} {'full ms':>9} {'early ms':>9} {'images':>7} {'per image':>10}")
+    for stage, count in ran.items():
+        share, full_ms, early_ms = count / len(images), ms["full"][stage], ms["early"][stage]
+        per_image = f"{early_ms / (share * full_ms):9.2f}x" if share and full_ms else ""
+        print(f"  {stage:>15} {full_ms:9.1f} {early_ms:9.1f} {share:7.0%} {per_image}")
+    outside = {name: total[name] - sum(ms[name].values()) for name in runs}
+    print(
+        f"  {'outside stages':>15} {outside['full']:9.1f} {outside['early']:9.1f}"
+        "   (decisions, gathers)"
+    )
+    print(
+        f"  {'total':>15} {total['full']:9.1f} {total['early']:9.1f}   "
+        f"{total['full'] / total['early']:.2f}x the full network's throughput"
+    )
 
 
 def batches(images: np.ndarray, size: int) -> list[np.ndarray]:
@@ -254,9 +352,11 @@ def main() -> None:
         for name, p in predictors.items():
             rates[name].append((images_per_second(p, b1), images_per_second(p, b128)))
         print(f"  timing round {r + 1}/{args.rounds} done; {machine()}")
-    report(answers, rates, labels, job.cfg.num_exits, args)
+    best = report(answers, rates, labels, job.cfg.num_exits, args)
     agreement(answers, job)
     stage_costs(full, timed[:128])
+    if best is not None:
+        early_exit_costs(full, timed, float(best))
     print(f"wall clock {time.perf_counter() - start:.0f} s; {machine()}")
 
 
@@ -275,8 +375,9 @@ def agreement(answers: dict[str, pd.DataFrame], job) -> None:
     print(f"images served otherwise than the trainer's anytime evaluation: {', '.join(differ)}")
 
 
-def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> None:
-    """One row per predictor: accuracy, GFLOPs, median images/s at batch 1 and 128."""
+def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> str | None:
+    """One row per predictor: accuracy, GFLOPs, median images/s at batch 1 and 128; returns
+    the fastest threshold within 0.5 points of the full network's accuracy, if any."""
     placement = ",".join(map(str, args.exits))
     print(
         f"\nresnet20 (exits {placement}, head width {args.head_width}), {args.kind}, "
@@ -303,13 +404,14 @@ def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> 
     within = {n: r for n, r in thresholds.items() if r[0] >= full_acc - 0.005}
     if not within:
         print("no threshold is within 0.5 points of the full network's accuracy: goal missed")
-        return
+        return None
     name, best = max(within.items(), key=lambda item: item[1][3])
     ratio = best[3] / full_b128
     print(
         f"fastest threshold within 0.5 points of the full network: {name}, {ratio:.2f}x its "
         f"throughput at batch 128 (goal 1.5x: {'met' if ratio >= 1.5 else 'missed'})"
     )
+    return name
 
 
 if __name__ == "__main__":
