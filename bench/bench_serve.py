@@ -250,7 +250,9 @@ def clocked_pass(network: MultiExitNet, run: Callable, chunks: list) -> tuple[St
 
 
 @torch.no_grad()
-def early_exit_costs(full: FullNetwork, images: np.ndarray, threshold: float, rounds=5) -> None:
+def early_exit_costs(
+    full: FullNetwork, images: np.ndarray, threshold: float, rounds: int = 5
+) -> None:
     """Per stage, over `images` in batches of 128: the time the full network and the early
     exit at `threshold` spend in it (median of `rounds` interleaved passes), the share of the
     images it ran on in the early exit, and its time per image there against the full
