@@ -21,8 +21,11 @@ memory format.
 Last, what stands between FLOPs and time: each stage's share of the FLOPs and of the time at
 batch 128, and, at the fastest threshold within 0.5 points of the full network, the time the
 early exit spends in each stage against the full network's (forward hooks on the stages while
-`early_exit` runs), per image it ran on; the rest is its decisions and gathers. `--exits` and
-`--head-width` set `model.exits` and `model.head_width` of the network trained.
+`early_exit` runs), per image it ran on; the rest is its decisions and gathers. Between the
+two, whether the rule or the network stands in the way: from the trainer's confidences and the
+stage costs, the least time within 0.5 points that one threshold, or a threshold per exit
+chosen with hindsight on the test images, could reach. `--exits` and `--head-width` set
+`model.exits` and `model.head_width` of the network trained.
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
@@ -39,6 +42,7 @@ import argparse
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import statistics
 import sys
@@ -76,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
 THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
+RULE_GRID = torch.arange(0.3, 1.0, 0.025)  # thresholds the rules choose from
 
 
 def job_dict(root: Path, args) -> dict:
@@ -160,12 +165,13 @@ class FullNetwork:
 
 
 @torch.no_grad()
-def stage_costs(full: FullNetwork, images: np.ndarray, rounds: int = 7) -> None:
+def stage_costs(full: FullNetwork, images: np.ndarray, rounds: int = 7) -> list[float]:
     """Per stage of the network (stem, each block, each exit's head) on the batch `images`:
     its share of the FLOPs and of the time (median of `rounds`), and what reaching each exit
-    costs in time against the full network (stem, every block, the last head)."""
+    costs in time against the full network (stem, every block, the last head); returns those
+    costs, one per exit."""
     with full.autocast():
-        _stage_costs(full.network, full.inputs(images), rounds)
+        return _stage_costs(full.network, full.inputs(images), rounds)
 
 
 def named_stages(network: MultiExitNet) -> list[tuple[str, torch.nn.Module]]:
@@ -178,7 +184,7 @@ def named_stages(network: MultiExitNet) -> list[tuple[str, torch.nn.Module]]:
     return stages
 
 
-def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> None:
+def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> list[float]:
     parts: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
     h = x
     for name, module in named_stages(network):
@@ -201,12 +207,14 @@ def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> None:
         print(f"  {name:>15} {f / flops:12.1%} {t / seconds:11.1%}")
     heads = [name for name in costs if name.startswith("exit")]
     full = seconds - sum(costs[name][1] for name in heads[:-1])
-    spent = 0.0
+    spent, exit_costs = 0.0, []
     for name, (_, t) in costs.items():
         spent += t
         if name.startswith("exit"):
+            exit_costs.append(spent / full)
             block = name.split()[-1]
             print(f"  leaving after block {block} costs {spent / full:.2f} of the full network")
+    return exit_costs
 
 
 class StageClock:
@@ -355,17 +363,21 @@ def main() -> None:
             rates[name].append((images_per_second(p, b1), images_per_second(p, b128)))
         print(f"  timing round {r + 1}/{args.rounds} done; {machine()}")
     best = report(answers, rates, labels, job.cfg.num_exits, args)
-    agreement(answers, job)
-    stage_costs(full, timed[:128])
+    confidence, predicted = predict(job, job.data.test).logits.softmax(dim=-1).max(dim=-1)
+    agreement(answers, confidence, predicted)
+    exit_costs = stage_costs(full, timed[:128])
+    threshold_rules(confidence, predicted == job.data.test.labels, torch.tensor(exit_costs))
     if best is not None:
         early_exit_costs(full, timed, float(best))
     print(f"wall clock {time.perf_counter() - start:.0f} s; {machine()}")
 
 
-def agreement(answers: dict[str, pd.DataFrame], job) -> None:
+def agreement(
+    answers: dict[str, pd.DataFrame], confidence: torch.Tensor, predicted: torch.Tensor
+) -> None:
     """How many test images the served model sends out at another exit, or with another
-    class, than the trainer's anytime evaluation (its network in training's layout)."""
-    confidence, predicted = predict(job, job.data.test).logits.softmax(dim=-1).max(dim=-1)
+    class, than the trainer's anytime evaluation (`confidence`, `predicted`: [K, N], its
+    network in training's layout)."""
     differ = []
     for name, frame in answers.items():
         if name.startswith("full"):
@@ -375,6 +387,66 @@ def agreement(answers: dict[str, pd.DataFrame], job) -> None:
         same = (frame["exit"].to_numpy() == exits.numpy() + 1) & (frame["class"] == classes)
         differ.append(f"{name}: {int((~same).sum())}")
     print(f"images served otherwise than the trainer's anytime evaluation: {', '.join(differ)}")
+
+
+def threshold_rules(
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    exit_costs: torch.Tensor,
+    grid: torch.Tensor = RULE_GRID,
+) -> None:
+    """Whether the rule or the network stands in the way: the least time within 0.5 points
+    of the full network on the test images (`confidence`, `correct`: [K, N], the trainer's),
+    predicted as the shares leaving at each exit times `exit_costs` (the time of leaving at
+    each exit against the full network), for one threshold at every exit and for a threshold
+    per exit chosen with hindsight on these images, each from `grid`. The second bounds every
+    rule that ranks an exit's images by its max softmax, calibrated per exit (temperature
+    scaling) or not."""
+    share, accuracy = _leaving_shares(confidence, correct, grid)  # [G, .., G, K], [G, .., G]
+    cost = (share @ exit_costs).masked_fill(accuracy < correct[-1].float().mean() - 0.005, 1e9)
+    choices = len(confidence) - 1  # exits 1..K-1 each get a threshold; the last takes all
+    rules = {
+        "one threshold": [(i,) * choices for i in range(len(grid))],
+        "a threshold per exit": list(itertools.product(range(len(grid)), repeat=choices)),
+    }
+    print(
+        "\nthreshold rules, with hindsight on the test images: the least time within 0.5 points"
+        " of the full network,\npredicted as the shares leaving at each exit times the costs"
+        " of leaving there (above)"
+    )
+    for rule, candidates in rules.items():
+        best = min(candidates, key=lambda index: float(cost[index]))
+        if cost[best] >= 1e9:
+            print(f"  {rule:>20}: none within 0.5 points")
+            continue
+        print(
+            f"  {rule:>20}: {', '.join(f'{grid[i]:.3g}' for i in best)} -> {cost[best]:.3f} of"
+            f" the full network's time ({1 / cost[best]:.2f}x), shares leaving at each exit "
+            + " ".join(f"{x:.2f}" for x in share[best].tolist())
+        )
+
+
+def _leaving_shares(
+    confidence: torch.Tensor, correct: torch.Tensor, grid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every choice of a threshold from `grid` at each of exits 1..K-1 (the last exit
+    takes everyone left): the share of the images leaving at each exit, [G, .., G, K], and
+    the accuracy, [G, .., G]."""
+    exits, images = confidence.shape
+    alive = torch.ones(images, dtype=torch.bool)
+    leaving, hits = [], torch.zeros(())
+    for k in range(exits):
+        if k < exits - 1:  # a new axis for this exit's threshold
+            shape = [1] * (exits - 1) + [images]
+            shape[k] = len(grid)
+            leave = alive & (confidence[k] >= grid.view(-1, 1)).view(shape)
+            alive = alive & ~leave
+        else:
+            leave = alive
+        leaving.append(leave.sum(dim=-1))
+        hits = hits + (leave & correct[k]).sum(dim=-1)
+    share = torch.stack(torch.broadcast_tensors(*leaving), dim=-1) / images
+    return share.float(), hits / images
 
 
 def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> str | None:

@@ -1,0 +1,43 @@
+"""bench/bench_serve.py's threshold rules: which images leave where, against a hand-worked case."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_serve import _leaving_shares, threshold_rules
+
+# Three exits, four images. Exit 1 is sure of images 0 (0.9) and 3 (0.7), half sure of 1
+# (0.6), unsure of 2 (0.4); exit 2 is sure of 0, 1, 3 (0.85 and up) and not of 2 (0.6).
+CONFIDENCE = torch.tensor([[0.9, 0.6, 0.4, 0.7], [0.95, 0.85, 0.6, 0.9], [1.0, 1.0, 1.0, 1.0]])
+CORRECT = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
+GRID = torch.tensor([0.5, 0.8])
+
+
+def test_shares_and_accuracy_for_every_pair_of_thresholds() -> None:
+    share, accuracy = _leaving_shares(CONFIDENCE, CORRECT, GRID)
+    # [threshold at exit 1, threshold at exit 2, exit]; worked by hand image by image
+    expected_share = torch.tensor(
+        [
+            [[0.75, 0.25, 0.0], [0.75, 0.0, 0.25]],  # exit 1 at 0.5: 0, 1, 3 leave there
+            [[0.25, 0.75, 0.0], [0.25, 0.5, 0.25]],  # exit 1 at 0.8: only 0 leaves there
+        ]
+    )
+    torch.testing.assert_close(share, expected_share)
+    torch.testing.assert_close(accuracy, torch.tensor([[0.5, 0.75], [0.75, 1.0]]))
+
+
+def test_rules_pick_the_cheapest_thresholds_within_half_a_point(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The full network (exit 3) is right on 3 of 4: (0.5, 0.5) at 0.5 is out. Costs 0.3, 0.7,
+    # 1.1: (0.8, 0.5) 0.600, (0.5, 0.8) 0.500, (0.8, 0.8) 0.700.
+    threshold_rules(CONFIDENCE, CORRECT, torch.tensor([0.3, 0.7, 1.1]), GRID)
+    out = capsys.readouterr().out
+    assert "one threshold: 0.8, 0.8 -> 0.700 of the full network's time (1.43x)" in out
+    assert "a threshold per exit: 0.5, 0.8 -> 0.500 of the full network's time (2.00x)" in out
+    assert "shares leaving at each exit 0.75 0.00 0.25" in out
