@@ -42,7 +42,6 @@ import argparse
 import copy
 import functools
 import hashlib
-import itertools
 import json
 import statistics
 import sys
@@ -399,24 +398,24 @@ def threshold_rules(
     of the full network on the test images (`confidence`, `correct`: [K, N], the trainer's),
     predicted as the shares leaving at each exit times `exit_costs` (the time of leaving at
     each exit against the full network), for one threshold at every exit and for a threshold
-    per exit chosen with hindsight on these images, each from `grid`. The second bounds every
-    rule that ranks an exit's images by its max softmax, calibrated per exit (temperature
-    scaling) or not."""
+    per exit chosen with hindsight on these images, each from `grid`. Up to the grid's step,
+    the second bounds every rule that ranks an exit's images by its max softmax, calibrated
+    per exit (temperature scaling) or not."""
     share, accuracy = _leaving_shares(confidence, correct, grid)  # [G, .., G, K], [G, .., G]
-    cost = (share @ exit_costs).masked_fill(accuracy < correct[-1].float().mean() - 0.005, 1e9)
-    choices = len(confidence) - 1  # exits 1..K-1 each get a threshold; the last takes all
+    too_low = accuracy < correct[-1].float().mean() - 0.005
+    cost = (share @ exit_costs).masked_fill(too_low, float("inf"))
+    same = (torch.arange(len(grid)),) * cost.dim()  # the diagonal: one threshold everywhere
     rules = {
-        "one threshold": [(i,) * choices for i in range(len(grid))],
-        "a threshold per exit": list(itertools.product(range(len(grid)), repeat=choices)),
+        "one threshold": (same[0][cost[same].argmin()],) * cost.dim(),
+        "a threshold per exit": torch.unravel_index(cost.argmin(), cost.shape),
     }
     print(
         "\nthreshold rules, with hindsight on the test images: the least time within 0.5 points"
         " of the full network,\npredicted as the shares leaving at each exit times the costs"
         " of leaving there (above)"
     )
-    for rule, candidates in rules.items():
-        best = min(candidates, key=lambda index: float(cost[index]))
-        if cost[best] >= 1e9:
+    for rule, best in rules.items():
+        if cost[best].isinf():
             print(f"  {rule:>20}: none within 0.5 points")
             continue
         print(
@@ -446,7 +445,7 @@ def _leaving_shares(
         leaving.append(leave.sum(dim=-1))
         hits = hits + (leave & correct[k]).sum(dim=-1)
     share = torch.stack(torch.broadcast_tensors(*leaving), dim=-1) / images
-    return share.float(), hits / images
+    return share, hits / images
 
 
 def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> str | None:
