@@ -19,13 +19,15 @@ class) than the trainer's own anytime evaluation, which runs the network in trai
 memory format.
 
 Last, what stands between FLOPs and time: each stage's share of the FLOPs and of the time at
-batch 128, and, at the fastest threshold within 0.5 points of the full network, the time the
-early exit spends in each stage against the full network's (forward hooks on the stages while
-`early_exit` runs), per image it ran on; the rest is its decisions and gathers. Between the
-two, whether the rule or the network stands in the way: from the trainer's confidences and the
-stage costs, the least time within 0.5 points that one threshold, or a threshold per exit
-chosen with hindsight on the test images, could reach. `--exits` and `--head-width` set
-`model.exits` and `model.head_width` of the network trained.
+batch 128; from the trainer's confidences and those stage costs, the least time within 0.5
+points that one threshold, or a threshold per exit chosen with hindsight on the test images,
+could reach (whether the rule or the network stands in the way); and, at the fastest
+threshold within 0.5 points of the full network, the time the early exit spends in each
+stage against the full network's (forward hooks on the stages while `early_exit` runs), per
+image it ran on, the rest being its decisions and gathers, then the same two by kind of
+operator (convolutions, batch norms, ReLUs, residual adds, gathers: torch.profiler's self CPU
+time over one pass each). `--exits` and `--head-width` set `model.exits` and
+`model.head_width` of the network trained.
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
@@ -43,6 +45,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -80,6 +83,15 @@ from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
 THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
 RULE_GRID = torch.arange(0.3, 1.0, 0.025)  # thresholds the rules choose from
+# Kinds of operator by a fragment of their aten name, first match wins; the rest is "other".
+OPERATOR_KINDS = {
+    "convolutions": ("convolution", "conv2d"),
+    "batch norms": ("batch_norm",),
+    "ReLUs": ("relu", "clamp_min"),
+    "linear layers": ("addmm", "aten::mm"),  # before the adds: aten::addmm
+    "residual adds": ("aten::add",),
+    "gathers, index writes": ("index", "nonzero", "masked"),
+}
 
 
 def job_dict(root: Path, args) -> dict:
@@ -245,6 +257,26 @@ class StageClock:
             handle.remove()
 
 
+def operator_kind(name: str) -> str:
+    """The OPERATOR_KINDS entry an aten operator's name falls under, else "other"."""
+    for kind, fragments in OPERATOR_KINDS.items():
+        if any(fragment in name for fragment in fragments):
+            return kind
+    return "other"
+
+
+def operator_ms(run: Callable, chunks: list) -> dict[str, float]:
+    """Self CPU milliseconds per kind of operator over one profiled pass of `run` on `chunks`."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" on a CPU
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+        for x in chunks:
+            run(x)
+    ms = dict.fromkeys([*OPERATOR_KINDS, "other"], 0.0)
+    for event in profiled.key_averages():
+        ms[operator_kind(event.key)] += event.self_cpu_time_total / 1e3
+    return ms
+
+
 def clocked_pass(network: MultiExitNet, run: Callable, chunks: list) -> tuple[StageClock, float]:
     """Run `run` on every chunk with a StageClock on `network`: (the clock, total seconds)."""
     clock = StageClock(network)
@@ -274,6 +306,7 @@ def early_exit_costs(
         for _ in range(rounds):  # interleaved, as in the throughput rounds
             for name, run in runs.items():
                 passes[name].append(clocked_pass(full.network, run, chunks))
+        by_operator = {name: operator_ms(run, chunks) for name, run in runs.items()}
     ran = passes["early"][0][0].images  # the same images every pass
     ms = {
         name: {stage: 1e3 * statistics.median(c.seconds[stage] for c, _ in p) for stage in ran}
@@ -298,6 +331,11 @@ def early_exit_costs(
         f"  {'total':>15} {total['full']:9.1f} {total['early']:9.1f}   "
         f"{total['full'] / total['early']:.2f}x the full network's throughput"
     )
+    print("  by kind of operator (self CPU time, one profiled pass each; the full network's share)")
+    whole = sum(by_operator["full"].values())
+    for kind, full_ms in by_operator["full"].items():
+        early_ms = by_operator["early"][kind]
+        print(f"  {kind:>22} {full_ms:9.1f} {early_ms:9.1f} {full_ms / whole:7.0%}")
 
 
 def batches(images: np.ndarray, size: int) -> list[np.ndarray]:

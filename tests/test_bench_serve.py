@@ -1,4 +1,5 @@
-"""bench/bench_serve.py's threshold rules: which images leave where, against a hand-worked case."""
+"""bench/bench_serve.py's threshold rules (which images leave where, against a hand-worked case)
+and its time by kind of operator (torch.profiler's names for a small network's operators)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_serve import _leaving_shares, threshold_rules
+from bench_serve import _leaving_shares, operator_ms, threshold_rules
 
 # Three exits, four images. Exit 1 is sure of images 0 (0.9) and 3 (0.7), half sure of 1
 # (0.6), unsure of 2 (0.4); exit 2 is sure of 0, 1, 3 (0.85 and up) and not of 2 (0.6).
@@ -41,3 +43,30 @@ def test_rules_pick_the_cheapest_thresholds_within_half_a_point(
     assert "one threshold: 0.8, 0.8 -> 0.700 of the full network's time (1.43x)" in out
     assert "a threshold per exit: 0.5, 0.8 -> 0.500 of the full network's time (2.00x)" in out
     assert "shares leaving at each exit 0.75 0.00 0.25" in out
+
+
+class _Block(nn.Module):
+    """conv -> batch norm -> ReLU, a residual add, then the rows whose first logit is positive
+    through a linear layer: one of each kind of operator the benchmark names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = (x + self.body(x)).mean(dim=(2, 3))
+        return self.fc(pooled[pooled[:, 0] > 0])
+
+
+def test_operator_ms_names_the_kinds_a_network_runs() -> None:
+    block = _Block().eval()
+    with torch.no_grad():
+        ms = operator_ms(block, [torch.randn(8, 4, 6, 6) for _ in range(3)])
+    for kind in ("convolutions", "batch norms", "ReLUs", "residual adds", "linear layers"):
+        assert ms[kind] > 0.0, kind
+    assert ms["gathers, index writes"] > 0.0
+    with torch.no_grad():  # without the layers, their kinds cost nothing
+        bare = operator_ms(lambda x: x.mean(dim=(2, 3)), [torch.randn(8, 4, 6, 6)])
+    assert bare["convolutions"] == bare["ReLUs"] == bare["linear layers"] == 0.0
+    assert bare["other"] > 0.0
