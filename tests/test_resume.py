@@ -96,7 +96,11 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
 
 
 PASSWORD = "pw-8f3c1a"  # PostgreSQL trusts 127.0.0.1: any password connects
-KILLED_SAMPLES = 4
+# Enough trials, each long enough, that a finished trial and a running one with epochs
+# recorded overlap for seconds: with 4 trials of 4 epochs, most pruned at their first rung,
+# a busy machine once finished the sweep before the test saw the overlap.
+KILLED_SAMPLES = 6
+KILLED_EPOCHS = 6
 
 
 def _with_password(url: str) -> str:
@@ -119,7 +123,7 @@ def test_resume_after_sigkill_records_each_epoch_once_and_no_password(
 ):
     with postgres_databases("optuna", "mlflow") as urls, ray_temp_dir() as ray_dir:
         study_db, tracking_db = (_with_password(url) for url in urls)
-        space = short_digits_space(tmp_path, max_epochs=4, num_samples=KILLED_SAMPLES)
+        space = short_digits_space(tmp_path, max_epochs=KILLED_EPOCHS, num_samples=KILLED_SAMPLES)
         args = ["--name", "killed", "--storage", str(tmp_path / "sweeps")]
         args += ["--study-storage", study_db, "--tracking-uri", tracking_db]
         process = _launch(tmp_path, space, args, {"RAY_TMPDIR": ray_dir})
