@@ -63,9 +63,7 @@ def test_operator_ms_names_the_kinds_a_network_runs() -> None:
     block = _Block().eval()
     with torch.no_grad():
         ms = operator_ms(block, [torch.randn(8, 4, 6, 6) for _ in range(3)])
-    for kind in ("convolutions", "batch norms", "ReLUs", "residual adds", "linear layers"):
-        assert ms[kind] > 0.0, kind
-    assert ms["gathers, index writes"] > 0.0
+    assert all(ms.values()), ms  # every kind, "other" included (the pooling's mean)
     with torch.no_grad():  # without the layers, their kinds cost nothing
         bare = operator_ms(lambda x: x.mean(dim=(2, 3)), [torch.randn(8, 4, 6, 6)])
     assert bare["convolutions"] == bare["ReLUs"] == bare["linear layers"] == 0.0
