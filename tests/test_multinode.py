@@ -31,6 +31,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.entities.sweep import SweepRecord
+from orchestrator.tuning.tuner import cluster_slots
 from sweep_helpers import child_runs, short_digits_space, sweep_args
 from trainer.metrics import TRAIN_LOSS
 
@@ -218,6 +219,15 @@ def _trial_nodes(workdir: Path, name: str, expected: int) -> list[str]:
     assert len(runs) == expected
     assert {r.info.status for r in runs} == {"FINISHED"}
     return [r.data.tags["node_id"] for r in runs]
+
+
+def test_slots_are_counted_node_by_node():
+    head, worker = {"CPU": 1.0}, {"CPU": 1.0, "GPU": float(WORKER_GPUS)}
+    # The head has a CPU but no GPU, the worker GPUs but one CPU: one GPU trial at a time.
+    assert cluster_slots({"cpu": 1.0, "gpu": 1.0}, [head, worker]) == 1
+    assert cluster_slots({"cpu": 1.0, "gpu": 0.0}, [head, worker]) == 2
+    assert cluster_slots({"cpu": 1.0, "gpu": 0.5}, [{"CPU": 8.0, "GPU": 2.0}]) == 4
+    assert cluster_slots({"cpu": 0.1, "gpu": 0.0}, [{"CPU": 0.3}]) == 3
 
 
 def test_cpu_trials_run_on_both_nodes(cluster, tmp_path):

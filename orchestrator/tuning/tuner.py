@@ -26,6 +26,7 @@ from trainer.trainable import train_job
 __all__ = [
     "MAX_FAILURES",
     "build_tuner",
+    "cluster_slots",
     "concurrency_limit",
     "fit",
     "restore_tuner",
@@ -48,17 +49,32 @@ def trial_resources(spec: SpaceSpec, gpus: int) -> dict[str, float]:
 
 def concurrency_limit(spec: SpaceSpec, record: SweepRecord) -> int:
     """Bound on trials at once: the user's, what `--gpus` allows on a shared cluster, and
-    what the cluster's CPUs hold. Always set: without a limit Tune keeps one trial of a custom
-    searcher pending at a time, so trials start one actor after another (and a trial that
-    ends before the next node's actor is up takes that node's trial: the node gets none).
-    Not more than the slots: a trial waiting for one would have Ray start a new actor for it
-    as often as Tune reuses the actor of a trial that ended (measured: docs/benchmarks.md)."""
+    the slots of the cluster's nodes (:func:`cluster_slots`). Always set: without a limit
+    Tune keeps one trial of a custom searcher pending at a time, so trials start one actor
+    after another (and a trial that ends before the next node's actor is up takes that
+    node's trial: the node gets none). Not more than the slots: a trial waiting for one
+    would have Ray start a new actor for it as often as Tune reuses the actor of a trial
+    that ended (measured: docs/benchmarks.md), and the first wave would wait for actors
+    that cannot start (:mod:`orchestrator.tuning.first_wave`)."""
     res = trial_resources(spec, record.gpus)
     limits = [record.max_concurrent] if record.max_concurrent else []
     if res["gpu"] > 0:
         limits.append(max(1, int(record.gpus / res["gpu"])))
-    limits.append(max(1, int(ray.cluster_resources().get("CPU", 0) / res["cpu"])))
+    limits.append(max(1, cluster_slots(res, [n["Resources"] for n in ray.nodes() if n["Alive"]])))
     return min(limits)
+
+
+def cluster_slots(trial: dict[str, float], nodes: Sequence[dict[str, float]]) -> int:
+    """How many trials asking for `trial` resources ("cpu", "gpu") fit at once on `nodes`
+    (each node's Ray resources: "CPU", "GPU"), node by node: a trial runs on one node, so a
+    CPU-only head adds no slot to GPU trials, and its CPUs none to a GPU node's."""
+    slots = 0
+    for node in nodes:
+        fits = [node.get("CPU", 0.0) / trial["cpu"]]
+        if trial["gpu"] > 0:
+            fits.append(node.get("GPU", 0.0) / trial["gpu"])
+        slots += int(min(fits) + 1e-9)  # 0.3 / 0.1 is 2.9999999999999996
+    return slots
 
 
 def trial_dirname(trial) -> str:
