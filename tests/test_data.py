@@ -1,4 +1,6 @@
 import pickle
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from urllib.error import URLError
@@ -11,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from trainer.config import DatasetConfig
 from trainer.data import DataError, DeviceLoader, ImageTensors, load_splits
+from trainer.data.sources import digits_arrays
 
 
 def _cfg(**kwargs) -> DatasetConfig:
@@ -58,6 +61,26 @@ def test_digits_splits_partition_the_data_set(digits):
     images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
     full = _rows(ImageTensors(images, torch.from_numpy(bunch.target)))
     assert _rows(digits.train) + _rows(digits.val) + _rows(digits.test) == full
+
+
+def test_digits_are_read_from_the_cache_after_the_first_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATE_IMAGE_CACHE", str(tmp_path))
+    bunch = load_digits()
+    first = digits_arrays()  # from scikit-learn, then written to the cache
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-v1.npz"]
+    # A new process reads the cache: the same arrays, and scikit-learn is never imported.
+    script = (
+        "import sys, numpy as np; from trainer.data.sources import digits_arrays; "
+        "images, labels = digits_arrays(); assert 'sklearn' not in sys.modules; "
+        "np.savez(sys.argv[1], images=images, labels=labels)"
+    )
+    out = tmp_path / "read.npz"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=120)
+    with np.load(out) as second:
+        for images, labels in (first, (second["images"], second["labels"])):
+            assert images.dtype == np.uint8 and labels.dtype == np.int64
+            np.testing.assert_array_equal(images, np.rint(bunch.images * 255 / 16))
+            np.testing.assert_array_equal(labels, bunch.target)
 
 
 def test_digits_val_split_is_seeded_and_test_split_is_fixed(digits):

@@ -3,6 +3,7 @@ the CPU, and :func:`check_available` says cheaply whether a data set can be had.
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from trainer.config import DatasetConfig
 from trainer.data.errors import DataError
 from trainer.data.tensors import ImageTensors, stratified_split
-from trainer.images import list_images, load_images
+from trainer.images import image_cache_dir, list_images, load_images
 
-__all__ = ["SOURCES", "check_available"]
+__all__ = ["SOURCES", "check_available", "digits_arrays"]
 
 
 @dataclass(frozen=True)
@@ -104,19 +105,35 @@ def _from_files(
 
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_TEST_SEED = 0  # fixed: every trial and every job seed sees the same test images
+_DIGITS_CACHE = "digits-v1.npz"
 
 
 def _digits(cfg: DatasetConfig, device: torch.device) -> _Source:
-    from sklearn.datasets import load_digits  # noqa: PLC0415  (scikit-learn: slow to import)
-
     _check_native_size(cfg, 8)
-    bunch = load_digits()
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8], 0..16
-    full = ImageTensors(
-        torch.from_numpy(images).unsqueeze(1), torch.from_numpy(bunch.target).to(torch.int64)
-    )
+    images, labels = digits_arrays()
+    full = ImageTensors(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels))
     train, test = stratified_split(full, _DIGITS_TEST_FRACTION, _DIGITS_TEST_SEED)
     return _Source(train, test, num_classes=10, flip=False)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 images [1797, 8, 8] (its 0..16 scaled to 0..255) and
+    int64 labels, kept in :func:`image_cache_dir` after the first load: importing
+    scikit-learn costs each new trial process about two seconds."""
+    path = image_cache_dir() / _DIGITS_CACHE
+    if path.is_file():
+        with np.load(path) as saved:
+            return saved["images"], saved["labels"]
+    from sklearn.datasets import load_digits  # noqa: PLC0415  (scikit-learn: slow to import)
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    np.savez(partial, images=images, labels=labels)
+    os.replace(partial, path)  # atomic: a process starting meanwhile sees all or nothing
+    return images, labels
 
 
 _SYNTHETIC_SEED = 0
