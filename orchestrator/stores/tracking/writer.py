@@ -206,7 +206,9 @@ def _apply_journal(
     root = logging.getLogger()
     root.handlers = [logging.handlers.QueueHandler(logs)]
     root.setLevel(logging.INFO)
-    applier = _Applier(target, step_metric, handlers, stopped=lambda: _closed(wake))
+    applier = _Applier(
+        target, step_metric, handlers, stopped_within=lambda s: _closed_within(wake, s)
+    )
     journal = Path(target.directory) / JOURNAL_FILE
     applied_file = Path(target.directory) / APPLIED_FILE
     with journal.open() as lines:
@@ -229,6 +231,16 @@ def _apply_journal(
                 return
 
 
+def _closed_within(wake: multiprocessing.connection.Connection, seconds: float) -> bool:
+    """Whether the driver closes its end within `seconds` (returns as soon as it does);
+    what it sends meanwhile is taken."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if _closed(wake, wait=left):
+            return True
+    return _closed(wake)
+
+
 def _closed(wake: multiprocessing.connection.Connection, wait: float | None = 0.0) -> bool:
     """Whether the driver has closed its end, after waiting up to `wait` seconds (None:
     until it sends or closes) and taking what it sent."""
@@ -248,7 +260,7 @@ class _Applier:
         target: SweepTarget,
         step_metric: str,
         handlers: Handlers,
-        stopped: Callable[[], bool],
+        stopped_within: Callable[[float], bool],
     ) -> None:
         # MLflow's HTTP client retries a request for minutes by default; this process retries
         # on its own, so keep each attempt short and notice a restarted server quickly.
@@ -263,7 +275,7 @@ class _Applier:
         self._parent_run_id = target.parent_run_id
         self._step_metric = step_metric  # logged every epoch: its last step is the run's
         self._handlers = dict(handlers)
-        self._stopped = stopped
+        self._stopped_within = stopped_within  # waits up to its seconds for the driver to close
         self._run_ids: dict[int, str] = {}
         self._last_step: dict[int, int] = {}
         self._listed: dict[int, str] | None = None  # runs there when first needed, by trial
@@ -285,14 +297,13 @@ class _Applier:
                     reason = error_reason(err)
                     logger.warning("MLflow refused a write (%s): %s", write["op"], reason)
                     return True
-                if self._stopped():
-                    return False
                 if delay == _RETRY_FIRST_S:
                     logger.warning(
                         "MLflow is unreachable (%s); retrying in the background",
                         error_reason(err),
                     )
-                time.sleep(delay)
+                if self._stopped_within(delay):  # the driver closed: stop now, not after
+                    return False
                 delay = min(2 * delay, _RETRY_MAX_S)
 
     # -- applying one write ------------------------------------------------------------
