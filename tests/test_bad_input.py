@@ -1,4 +1,5 @@
-"""The malformed-input corpus (tests/bad_inputs.yaml) against a real earlier sweep's stores.
+"""The malformed-input corpus (tests/bad_inputs.yaml) against a real earlier sweep's stores
+(the results sweep the session shares, tests/results_fixture.py).
 
 Each case runs in-process (click's runner) with Ray not running and a Ray temp dir of its
 own, and must end with one line and exit status 2 within seconds, start no Ray (no temp
@@ -13,8 +14,6 @@ import contextlib
 import hashlib
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from string import Template
@@ -26,43 +25,32 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.tuning.cluster import init_ray
-from sweep_helpers import DIGITS_SPACE, ray_temp_dir
+from results_fixture import ResultsSweep
+from sweep_helpers import DIGITS_SPACE
 
 CORPUS = yaml.safe_load((Path(__file__).with_name("bad_inputs.yaml")).read_text())
-EARLIER = "earlier"
 SECONDS = 15.0  # per case, on two shared cores; the slowest case waits ~5 s for a Ray probe
 STORE_COMMANDS = ("launch", "resume", "status", "promote")
 NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
-def earlier(tmp_path_factory):
-    """A finished 2-trial sweep (own process, own Ray); yields its stores' places."""
+def earlier(results_sweep: ResultsSweep):
+    """The session's finished results sweep (own process, own Ray); yields its stores'
+    places. Ray is stopped while the cases run (they must see none)."""
     if ray.is_initialized():  # another module's Ray: the cases must see none running
         ray.shutdown()
         restart = True
     else:
         restart = False
-    workdir = tmp_path_factory.mktemp("earlier")
-    space = yaml.safe_load(DIGITS_SPACE.read_text())
-    space["search"] |= {"num_samples": 2, "pruner": {"kind": "none", "max_epochs": 1}}
-    (workdir / "space.yaml").write_text(yaml.safe_dump(space))
+    record = results_sweep.record
     stores = {
-        "storage": str(workdir / "sweeps"),
-        "tracking": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-        "study": f"sqlite:///{workdir / 'sweeps' / EARLIER / 'optuna.db'}",
-        "earlier": EARLIER,
+        "storage": str(record.storage_path),
+        "tracking": record.tracking_uri,
+        "study": record.study_storage,
+        "earlier": record.name,
     }
-    launch = [Path(sys.executable).with_name("orchestrate"), "launch", "--space", "space.yaml"]
-    launch += ["--name", EARLIER, "--storage", stores["storage"]]
-    launch += ["--tracking-uri", stores["tracking"]]
-    with ray_temp_dir() as ray_dir:
-        env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_dir}
-        done = subprocess.run(
-            launch, cwd=workdir, env=env, capture_output=True, text=True, timeout=300
-        )
-    assert done.returncode == 0, done.stdout + done.stderr
-    yield workdir, stores
+    yield results_sweep.workdir, stores
     if restart:
         init_ray(num_cpus=2, num_gpus=0)
 

@@ -1,8 +1,8 @@
-"""An interrupted sweep (Ctrl-C, or SIGKILL of a real `orchestrate launch`) resumes to
-exactly num_samples trials, with no MLflow run duplicated or left RUNNING, no epoch
-recorded twice, and no Optuna trial left RUNNING. A sweep whose stores have passwords keeps
-them out of every output, file and MLflow run, and `resume` takes them from the
-environment."""
+"""An interrupted sweep (Ctrl-C, or SIGKILL of a real `orchestrate launch` whose study and
+runs live in PostgreSQL) resumes to exactly num_samples trials, with no MLflow run
+duplicated or left RUNNING, no epoch recorded twice, and no Optuna trial left RUNNING. A
+sweep whose stores have passwords keeps them out of every output, file and MLflow run, and
+`resume` takes them from the environment."""
 
 from __future__ import annotations
 
@@ -150,6 +150,10 @@ def test_resume_after_sigkill_records_each_epoch_once_and_no_password(
         assert again.exit_code == 0 and "sweep killed had finished" in again.output
 
         record = SweepRecord.load("killed", tmp_path / "sweeps", [study_db, tracking_db])
+        # Both stores are the PostgreSQL databases given: no SQLite study beside the sweep.
+        assert record.study_storage == study_db and record.tracking_uri == tracking_db
+        assert not (tmp_path / "sweeps" / "killed" / "optuna.db").exists()
+        assert optuna.study.get_all_study_names(study_db) == ["killed"]
         trials, children = _assert_finished_with_one_run_per_trial(record, KILLED_SAMPLES)
         client = MlflowClient(record.tracking_uri)
         by_number = {int(r.data.tags["optuna_trial_number"]): r.info.run_id for r in children}

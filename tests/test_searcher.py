@@ -32,7 +32,7 @@ State = optuna.trial.TrialState
 
 def _fit(tmp_path, name: str, **tune_config) -> None:
     tuner = tune.Tuner(
-        tune.with_resources(toy_trainable, {"cpu": 0.25}),
+        tune.with_resources(toy_trainable, {"cpu": 1}),  # two actors, reused
         tune_config=tune.TuneConfig(num_samples=8, reuse_actors=True, **tune_config),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name=name, verbose=0),
     )
