@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from trainer.engine import (
     train_one_epoch,
 )
 from trainer.losses import init_teacher_logits
+from trainer.precision import EMULATED_BF16_WARNING, cpu_has_bf16
 
 
 def digits_job(loss=None, optim=None, **train):
@@ -164,7 +166,12 @@ def test_non_finite_loss_stops_with_clear_error():
 
 def test_bf16_precision_runs_on_cpu():
     job = build_job(digits_job(epochs=1, precision="bf16"))
-    assert job.autocast_dtype == torch.bfloat16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert job.autocast_dtype == torch.bfloat16
+    # Warned where this CPU would emulate bf16, and only there.
+    emulated = [w for w in caught if str(w.message) == EMULATED_BF16_WARNING]
+    assert len(emulated) == (0 if cpu_has_bf16() else 1)
     final = fit(job)
     assert math.isfinite(final[M.TRAIN_LOSS])
 
