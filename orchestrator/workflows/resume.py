@@ -8,7 +8,7 @@ import json
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from orchestrator.entities.names import REPORT_FILE, TRIAL_NUMBER
+from orchestrator.entities.names import JOURNAL_FILE, REPORT_FILE, TRIAL_NUMBER
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.report.build import log_report_or_warn
 from orchestrator.selection.trials import is_finished
@@ -45,8 +45,10 @@ def last_checkpoints(record: SweepRecord) -> dict[int, str]:
 def complete_mlflow_record(record: SweepRecord) -> None:
     """Complete the MLflow record of a sweep whose trials have all finished (no Ray needed):
     apply the writes a killed driver left in the journal and write what it died before:
-    the summary (the parent run is still RUNNING), the report (not among its artifacts)."""
-    flush_writer(open_writer(record.target), record.name)
+    the summary (the parent run is still RUNNING), the report (not among its artifacts).
+    Starts no writer process where there is nothing to write."""
+    if (record.directory / JOURNAL_FILE).is_file():  # emptied journals are removed
+        flush_writer(open_writer(record.target), record.name)
     client = MlflowClient(record.tracking_uri)
     if client.get_run(record.parent_run_id).info.status == "RUNNING":
         writer = open_writer(record.target)
