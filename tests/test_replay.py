@@ -48,7 +48,10 @@ def test_replayed_trials_report_exactly_the_recorded_curves(local_ray, tmp_path)
         tune.with_parameters(replay.replay_trial, curves=curves),
         param_space=trial_param_space(spec),
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=OptunaPruningScheduler(searcher), num_samples=4
+            search_alg=searcher,
+            scheduler=OptunaPruningScheduler(searcher),
+            num_samples=4,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="replay", verbose=0),
     ).fit()
