@@ -61,13 +61,10 @@ class Job:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator  # drives shuffling and augmentation
     gflops: list[float]  # cumulative GFLOPs per sample to reach each exit
+    autocast_dtype: torch.dtype | None  # bf16 or None (float32): `train.precision` on `device`
     temperature: torch.Tensor | None = None  # [] phuong_lampert's annealed T, else None
     epoch: int = 0
     anytime: M.AnytimeCurve | None = None  # the latest evaluation's curve, for plots
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return autocast_dtype(self.cfg.train.precision, self.device)
 
     @property
     def channels_last(self) -> bool:
@@ -168,8 +165,19 @@ def build_job(cfg: JobConfig, *, data: DataSplits | None = None) -> Job:
     temperature = None
     if cfg.loss.kind == "phuong_lampert":  # annealed per step, so it is training state
         temperature = torch.tensor(cfg.loss.temperature, dtype=torch.float32, device=device)
+    dtype = autocast_dtype(cfg.train.precision, device)  # warns once where bf16 is emulated
     return Job(
-        cfg, device, data, model, teacher, optimizer, scheduler, generator, gflops, temperature
+        cfg,
+        device,
+        data,
+        model,
+        teacher,
+        optimizer,
+        scheduler,
+        generator,
+        gflops,
+        dtype,
+        temperature,
     )
 
 
