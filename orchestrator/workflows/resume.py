@@ -14,7 +14,12 @@ from orchestrator.report.build import log_report_or_warn
 from orchestrator.selection.trials import is_finished
 from orchestrator.stores.preflight import check_stores
 from orchestrator.stores.study import load_study
-from orchestrator.stores.tracking.summary import flush_writer, open_writer, summarize_sweep
+from orchestrator.stores.tracking.summary import (
+    FLUSH_TIMEOUT_S,
+    flush_writer,
+    open_writer,
+    summarize_sweep,
+)
 from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
 from orchestrator.tuning.tuner import fit, restore_tuner
 from trainer.config import ConfigError
@@ -46,15 +51,18 @@ def complete_mlflow_record(record: SweepRecord) -> None:
     """Complete the MLflow record of a sweep whose trials have all finished (no Ray needed):
     apply the writes a killed driver left in the journal and write what it died before:
     the summary (the parent run is still RUNNING), the report (not among its artifacts).
-    Starts no writer process where there is nothing to write."""
+    Starts one writer process for both, none where there is nothing to write."""
+    writer = None
     if (record.directory / JOURNAL_FILE).is_file():  # emptied journals are removed
-        flush_writer(open_writer(record.target), record.name)
+        writer = open_writer(record.target)
+        writer.flush(FLUSH_TIMEOUT_S)  # the journal may end with the summary itself
     client = MlflowClient(record.tracking_uri)
     if client.get_run(record.parent_run_id).info.status == "RUNNING":
-        writer = open_writer(record.target)
+        writer = writer or open_writer(record.target)
         metrics = record.spec().search.metrics
         study = load_study(record)
         summarize_sweep(writer, study, metrics, last_checkpoints(record), finished=True)
+    if writer is not None:
         flush_writer(writer, record.name)
     if REPORT_FILE not in {f.path for f in client.list_artifacts(record.parent_run_id)}:
         log_report_or_warn(record)
