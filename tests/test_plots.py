@@ -85,6 +85,18 @@ def test_pareto_figure_marks_the_non_dominated_trials():
     plots.close(figure)
 
 
+def test_pareto_legend_leaves_the_beaten_trials_in_the_lower_right_visible():
+    # A sweep's usual shape: the front high and left, the worst trials low and right.
+    points = [(0, 0.078, 0.63), (1, 0.079, 0.62), (2, 0.0845, 0.51), (3, 0.085, 0.38)]
+    figure = plots.accuracy_gflops_pareto_figure(points, 0.9)
+    ax = figure.axes[0]
+    figure.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    drawn = ax.transData.transform([(g, a) for _, g, a in points])
+    assert not [tuple(p) for p in drawn if legend.contains(*p)]
+    plots.close(figure)
+
+
 def test_png_is_a_small_image():
     figure = plots.exit_accuracy_figure({1: [(1, 0.5)]}, "t")
     data = plots.png(figure)

@@ -188,7 +188,7 @@ def accuracy_gflops_pareto_figure(
     names = {"Best Trial": "on the Pareto front", "Trial": "beaten on both by a front trial"}
     for points_drawn in ax.collections:
         points_drawn.set_label(names.get(points_drawn.get_label(), points_drawn.get_label()))
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")  # beaten trials lie low and right: not there
     ax.set_title("Accuracy against GFLOPs at the operating point (label: trial)")
     return _sized(ax.figure)
 
