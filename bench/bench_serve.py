@@ -26,8 +26,9 @@ threshold within 0.5 points of the full network, the time the early exit spends 
 stage against the full network's (forward hooks on the stages while `early_exit` runs), per
 image it ran on, the rest being its decisions and gathers, then the same two by kind of
 operator (convolutions, batch norms, ReLUs, residual adds, gathers: torch.profiler's self CPU
-time over one pass each). `--exits` and `--head-width` set `model.exits` and
-`model.head_width` of the network trained.
+time over one pass each), and what serving adds to each side's network: turning uint8 images
+into normalised tensors and answers into a DataFrame, and MLflow's pyfunc layer. `--exits`
+and `--head-width` set `model.exits` and `model.head_width` of the network trained.
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
@@ -76,7 +77,7 @@ from trainer.models import MultiExitNet
 from trainer.models.early_exit import early_exit
 from trainer.pixels import normalise, pixel_affine
 from trainer.precision import autocast_dtype
-from trainer.serving import METADATA_KEY, ServingSpec, log_servable_model
+from trainer.serving import METADATA_KEY, EarlyExitModel, ServingSpec, log_servable_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
@@ -338,6 +339,60 @@ def early_exit_costs(
         print(f"  {kind:>22} {full_ms:9.1f} {early_ms:9.1f} {full_ms / whole:7.0%}")
 
 
+@torch.no_grad()
+def own_work(
+    served: PyFuncModel,
+    full: FullNetwork,
+    images: np.ndarray,
+    threshold: float,
+    batch: int,
+    rounds: int = 5,
+) -> None:
+    """What serving adds to the network, per call on `batch` images of `images` (median of
+    `rounds` passes, each running every row on one batch before the next): each side's network
+    alone on normalised tensors, then with the uint8 input turned into them and the answers
+    into a DataFrame (the full network's predict, the served model's own predict), then the
+    early exit through ``mlflow.pyfunc`` (its input and parameter checks); each row against
+    the full network alone."""
+    chunks = batches(images, batch)
+    tensors = [full.inputs(chunk) for chunk in chunks]
+    spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
+    wrapper = EarlyExitModel(full.network, spec, torch.device("cpu"))  # the served model's own
+    params = {"threshold": threshold}
+    rows: dict[str, tuple[Callable, list]] = {
+        "full network alone": (full.forward, tensors),
+        "full, uint8 in, DataFrame out": (full.predict, chunks),
+        "early exit alone": (lambda x: early_exit(full.network, x, threshold), tensors),
+        "early exit, uint8 in, DataFrame out": (
+            functools.partial(wrapper.predict, params=params),
+            chunks,
+        ),
+        "early exit through mlflow.pyfunc": (
+            functools.partial(served.predict, params=params),
+            chunks,
+        ),
+    }
+    seconds = {name: [0.0] * rounds for name in rows}
+    with full.autocast():
+        for r in range(rounds):
+            for i in range(len(chunks)):  # every row on each batch in turn: the least drift
+                for name, (run, inputs) in rows.items():
+                    start = time.perf_counter()
+                    run(inputs[i])
+                    seconds[name][r] += time.perf_counter() - start
+    ms = {name: 1e3 * statistics.median(s) / len(chunks) for name, s in seconds.items()}
+    print(
+        f"\nwhat serving adds at {threshold:g}, per call on {batch} image(s), over {len(images)}"
+        f" images (median of {rounds} passes, interleaved call by call):"
+        f"\n  {'':>36} {'ms/call':>9} {'added':>7}  x the full network alone"
+    )
+    before = ""
+    for name, value in ms.items():
+        added = "" if name.endswith("alone") else f"{value - ms[before]:+7.2f}"
+        print(f"  {name:>36} {value:9.2f} {added:>7}  {ms['full network alone'] / value:.2f}x")
+        before = name
+
+
 def batches(images: np.ndarray, size: int) -> list[np.ndarray]:
     return [images[i : i + size] for i in range(0, len(images), size)]
 
@@ -406,6 +461,8 @@ def main() -> None:
     threshold_rules(confidence, predicted == job.data.test.labels, torch.tensor(exit_costs))
     if best is not None:
         early_exit_costs(full, timed, float(best))
+        own_work(served, full, timed, float(best), batch=128)
+        own_work(served, full, timed[: args.batch1_images], float(best), batch=1)
     print(f"wall clock {time.perf_counter() - start:.0f} s; {machine()}")
 
 

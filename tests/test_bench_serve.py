@@ -1,23 +1,31 @@
-"""bench/bench_serve.py's threshold rules (which images leave where, against a hand-worked case)
-and its time by kind of operator (torch.profiler's names for a small network's operators)."""
+"""bench/bench_serve.py's threshold rules (which images leave where, against a hand-worked case),
+its time by kind of operator (torch.profiler's names for a small network's operators), and its
+table of what serving adds (on a digits model logged and loaded as MLflow serves it)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from torch import nn
 
+from trainer.config import parse_job_config
+from trainer.engine import build_job
+from trainer.serving import log_servable_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_serve import _leaving_shares, operator_ms, threshold_rules
+from bench_serve import FullNetwork, _leaving_shares, operator_ms, own_work, threshold_rules
 
 # Three exits, four images. Exit 1 is sure of images 0 (0.9) and 3 (0.7), half sure of 1
 # (0.6), unsure of 2 (0.4); exit 2 is sure of 0, 1, 3 (0.85 and up) and not of 2 (0.6).
 CONFIDENCE = torch.tensor([[0.9, 0.6, 0.4, 0.7], [0.95, 0.85, 0.6, 0.9], [1.0, 1.0, 1.0, 1.0]])
 CORRECT = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
 GRID = torch.tensor([0.5, 0.8])
+# An untrained digits convnet: the timings need a served model, not a good one.
+DIGITS = {"dataset": {"name": "digits"}, "model": {"arch": "convnet"}, "train": {"device": "cpu"}}
 
 
 def test_shares_and_accuracy_for_every_pair_of_thresholds() -> None:
@@ -68,3 +76,33 @@ def test_operator_ms_names_the_kinds_a_network_runs() -> None:
         bare = operator_ms(lambda x: x.mean(dim=(2, 3)), [torch.randn(8, 4, 6, 6)])
     assert bare["convolutions"] == bare["ReLUs"] == bare["linear layers"] == 0.0
     assert bare["other"] > 0.0
+
+
+def test_own_work_times_each_layer_of_serving_on_a_served_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = build_job(parse_job_config(DIGITS))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment = mlflow.create_experiment("bench", artifact_location=tmp_path.as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_servable_model(job.model, job.cfg, job.data)
+        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})
+    finally:
+        mlflow.set_tracking_uri(None)
+    images = job.data.test.images[:8].numpy()
+    own_work(served, FullNetwork(served, images.shape[1:]), images, 0.5, batch=4, rounds=1)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-5:]]
+    ms = [float(row[-3] if row[-2][0] in "+-" else row[-2]) for row in rows]
+    assert [" ".join(row[:3]) for row in rows] == [
+        "full network alone",
+        "full, uint8 in,",
+        "early exit alone",
+        "early exit, uint8",
+        "early exit through",
+    ]
+    assert all(value > 0 for value in ms), rows
+    assert rows[0][-1] == "1.00x"
+    for later, earlier in ((1, 0), (3, 2), (4, 3)):  # each "added" is the row above's gap
+        added = float(rows[later][-2])
+        assert added == pytest.approx(ms[later] - ms[earlier], abs=0.02), rows
