@@ -148,10 +148,10 @@ class PatientRDBStorage(optuna.storages.RDBStorage):
                     raise
                 failed, reason = True, error_reason(_database_error(err))
                 waited = self._outage_began(reason)
-                if waited >= self.wait_s:
+                if waited >= self.wait_s:  # says the wait allowed: `waited` can be longer
                     raise StoreUnavailable(
                         f"the study's database {self.masked_url} did not answer for "
-                        f"{waited:.0f} s ({reason}); giving up"
+                        f"{self.wait_s:.0f} s ({reason}); giving up"
                     ) from err
                 time.sleep(min(delay, self.wait_s - waited))
                 delay = min(2 * delay, _RETRY_MAX_S)
