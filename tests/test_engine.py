@@ -6,7 +6,7 @@ import torch
 
 from trainer import metrics as M
 from trainer import precision
-from trainer.config import OptimConfig, parse_job_config
+from trainer.config import OptimConfig, apply_overrides, parse_job_config
 from trainer.engine import (
     NonFiniteLossError,
     build_job,
@@ -170,7 +170,8 @@ def test_bf16_precision_runs_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        job = build_job(digits_job(epochs=2, precision="bf16"))
+        cfg = digits_job(epochs=2, precision="bf16")  # a quarter of digits: bf16 is emulated
+        job = build_job(apply_overrides(cfg, {"dataset.train_fraction": 0.25}, source="test"))
         assert job.autocast_dtype == torch.bfloat16
         final = fit(job)
     # Warned once, when the job was built: not again in each epoch's training and evaluation.
