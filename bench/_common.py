@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 
+import torch
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -34,6 +35,7 @@ __all__ = [
     "machine",
     "median_seconds",
     "stock_search",
+    "synchronize",
     "timed_methods",
     "versions",
 ]
@@ -51,6 +53,12 @@ def machine() -> str:
     """CPU model, core count and the 1/5/15-minute load average (other work on the machine)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load}"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs it asynchronously); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

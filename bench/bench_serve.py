@@ -1,42 +1,45 @@
 """Serving on CIFAR-10 JPEG: the early-exit MLflow model against always running the full network.
 
 Trains a multi-exit resnet20 with the project's engine (`--kind`, DSN by default: the fastest
-learner in this short budget, see README "Methods at their defaults"; SGD, cosine schedule,
-on a class-stratified share of the 50,000 training images, CPU), or reuses the checkpoint an
-earlier run with the same settings cached under the user's cache directory. Logs it with
-:func:`trainer.serving.log_servable_model` to a throwaway sqlite store and loads it back as
-MLflow loads it for serving (``mlflow.pyfunc.load_model``, CPU). Then, per confidence
-threshold: accuracy and mean GFLOPs per image on the whole test split (uint8, as a client
-sends them), and throughput at batch 1 and batch 128 of the served model on `--images` test
-images drawn at random (seeded; the split is stored class by class, so its first images are
-all airplanes); beside it the full network: normalisation, stem, every block and the last
-exit's head only (the raw network the served model holds), which is what a single-exit
-deployment runs. Both run in the served model's memory format (channels_last) and precision
-(bf16 autocast for a network trained with `--precision bf16`, else float32); a row "full
-NCHW" runs the full network in training's memory format, to show what channels_last buys on
-the CPU. A last line counts the test images the served model sends out otherwise (exit or
-class) than the trainer's own anytime evaluation, which runs the network in training's
-memory format.
+learner in this short budget, see README "Methods at their defaults"; SGD, cosine schedule, on
+a class-stratified share of the 50,000 training images, on `--device`: the CPU by default), or
+reuses the checkpoint an earlier run with the same settings cached under the user's cache
+directory. Logs it with :func:`trainer.serving.log_servable_model` to a throwaway sqlite store
+and loads it back as MLflow loads it for serving (``mlflow.pyfunc.load_model``, on the same
+device). Then, per confidence threshold: accuracy and mean GFLOPs per image on the whole test
+split (uint8, as a client sends them), and throughput at batch 1 and batch 128 of the served
+model on `--images` test images drawn at random (seeded; the split is stored class by class,
+so its first images are all airplanes); beside it the full network: normalisation, stem, every
+block and the last exit's head only (the raw network the served model holds), which is what a
+single-exit deployment runs. Both run in the served model's memory format (channels_last) and
+precision (bf16 autocast for a network trained with `--precision bf16`, else float32); a row
+"full NCHW" runs the full network in training's memory format, to show what channels_last buys
+on the CPU. A last line counts the test images the served model sends out otherwise (exit or
+class) than the trainer's own anytime evaluation, which runs the network in training's memory
+format.
 
 Last, what stands between FLOPs and time: each stage's share of the FLOPs and of the time at
 batch 128; from the trainer's confidences and those stage costs, the least time within 0.5
 points that one threshold, or a threshold per exit chosen with hindsight on the test images,
-could reach (whether the rule or the network stands in the way); and, at the fastest
-threshold within 0.5 points of the full network, the time the early exit spends in each
-stage against the full network's (forward hooks on the stages while `early_exit` runs), per
-image it ran on, the rest being its decisions and gathers, then the same two by kind of
-operator (convolutions, batch norms, ReLUs, residual adds, gathers: torch.profiler's self CPU
-time over one pass each), and what serving adds to each side's network: turning uint8 images
-into normalised tensors and answers into a DataFrame, and MLflow's pyfunc layer. `--exits`
-and `--head-width` set `model.exits` and `model.head_width` of the network trained.
+could reach (whether the rule or the network stands in the way); and, at the fastest threshold
+within 0.5 points of the full network, the time the early exit spends in each stage against
+the full network's (forward hooks on the stages while `early_exit` runs), per image it ran on,
+the rest being its decisions and gathers, then the same two by kind of operator (convolutions,
+batch norms, ReLUs, residual adds, gathers: torch.profiler's self CPU time over one pass each;
+on the CPU only), and what serving adds to each side's network: turning uint8 images into
+normalised tensors and answers into a DataFrame, and MLflow's pyfunc layer. `--exits` and
+`--head-width` set `model.exits` and `model.head_width` of the network trained.
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
 all rows alike; batch 1 runs over the first `--batch1-images` images of each pass. `--threads`
-sets torch's threads for the measurement (training uses torch's default).
+sets torch's threads for the measurement (training uses torch's default). With `--device
+cuda` every timing waits for the GPU's queued work before it reads the clock, and images go
+to the GPU in each call, as a client's do.
 
     .venv/bin/python bench/bench_serve.py           # 10% subset, 6 epochs (~25 min on 2 busy cores)
     .venv/bin/python bench/bench_serve.py --quick   # 2% subset, 1 epoch: a smoke run
+    .venv/bin/python bench/bench_serve.py --device cuda --precision bf16   # on a GPU
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from _common import machine, versions
+from _common import machine, synchronize, versions
 from mlflow.pyfunc import PyFuncModel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -110,7 +113,7 @@ def job_dict(root: Path, args) -> dict:
         "train": {
             "epochs": args.epochs,
             "batch_size": 128,
-            "device": "cpu",
+            "device": args.device,
             "seed": args.seed,
             "precision": args.precision,
         },
@@ -144,23 +147,24 @@ class FullNetwork:
         shape: tuple[int, ...],
         memory_format: torch.memory_format = torch.channels_last,
     ) -> None:
-        self.network: MultiExitNet = served.get_raw_model()  # eval, channels_last, CPU
+        self.network: MultiExitNet = served.get_raw_model()  # eval, channels_last
         if memory_format != torch.channels_last:
             self.network = copy.deepcopy(self.network).to(memory_format=memory_format)
         self.memory_format = memory_format
+        self.device = next(self.network.parameters()).device  # the served model's
         spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
-        self.scale, self.shift = pixel_affine(spec.mean, spec.std)
-        self.dtype = autocast_dtype(spec.precision, torch.device("cpu"))
+        self.scale, self.shift = pixel_affine(spec.mean, spec.std, self.device)
+        self.dtype = autocast_dtype(spec.precision, self.device)
         with FlopCounterMode(display=False) as counter, torch.no_grad(), self.autocast():
             self.forward(self.inputs(np.zeros((1, *shape), dtype=np.uint8)))
         self.gflops = counter.get_total_flops() / 1e9
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).contiguous(memory_format=self.memory_format)
+        x = torch.from_numpy(images).to(self.device).contiguous(memory_format=self.memory_format)
         return normalise(x, self.scale, self.shift)
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", self.dtype, enabled=self.dtype is not None)
+        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.network.backbone.stem(x)
@@ -171,7 +175,7 @@ class FullNetwork:
     @torch.no_grad()
     def predict(self, images: np.ndarray) -> pd.DataFrame:
         with self.autocast():
-            classes = self.forward(self.inputs(images)).argmax(dim=-1).numpy()
+            classes = self.forward(self.inputs(images)).argmax(dim=-1).cpu().numpy()
         exit_ = self.network.num_exits
         return pd.DataFrame({"class": classes, "exit": exit_, "gflops": self.gflops})
 
@@ -209,8 +213,10 @@ def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> list[fl
             module(inputs)
         times = []
         for _ in range(rounds):
+            synchronize(x.device)
             start = time.perf_counter()
             module(inputs)
+            synchronize(x.device)
             times.append(time.perf_counter() - start)
         costs[name] = (counter.get_total_flops(), statistics.median(times))
     flops, seconds = (sum(c[i] for c in costs.values()) for i in (0, 1))
@@ -248,9 +254,11 @@ class StageClock:
 
     def start(self, name: str, module: torch.nn.Module, args: tuple) -> None:
         self.images[name] += len(args[0])
+        synchronize(args[0].device)
         self.started = time.perf_counter()
 
     def stop(self, name: str, module: torch.nn.Module, args: tuple, output) -> None:
+        synchronize(args[0].device)
         self.seconds[name] += time.perf_counter() - self.started
 
     def remove(self) -> None:
@@ -284,6 +292,7 @@ def clocked_pass(network: MultiExitNet, run: Callable, chunks: list) -> tuple[St
     start = time.perf_counter()
     for x in chunks:
         run(x)
+    synchronize(chunks[0].device)
     seconds = time.perf_counter() - start
     clock.remove()
     return clock, seconds
@@ -307,7 +316,8 @@ def early_exit_costs(
         for _ in range(rounds):  # interleaved, as in the throughput rounds
             for name, run in runs.items():
                 passes[name].append(clocked_pass(full.network, run, chunks))
-        by_operator = {name: operator_ms(run, chunks) for name, run in runs.items()}
+        on_cpu = full.device.type == "cpu"  # self CPU time says little of a GPU's work
+        by_operator = {name: operator_ms(run, chunks) for name, run in runs.items() if on_cpu}
     ran = passes["early"][0][0].images  # the same images every pass
     ms = {
         name: {stage: 1e3 * statistics.median(c.seconds[stage] for c, _ in p) for stage in ran}
@@ -332,6 +342,8 @@ def early_exit_costs(
         f"  {'total':>15} {total['full']:9.1f} {total['early']:9.1f}   "
         f"{total['full'] / total['early']:.2f}x the full network's throughput"
     )
+    if not by_operator:
+        return
     print("  by kind of operator (self CPU time, one profiled pass each; the full network's share)")
     whole = sum(by_operator["full"].values())
     for kind, full_ms in by_operator["full"].items():
@@ -357,7 +369,7 @@ def own_work(
     chunks = batches(images, batch)
     tensors = [full.inputs(chunk) for chunk in chunks]
     spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
-    wrapper = EarlyExitModel(full.network, spec, torch.device("cpu"))  # the served model's own
+    wrapper = EarlyExitModel(full.network, spec, full.device)  # the served model's own
     params = {"threshold": threshold}
     rows: dict[str, tuple[Callable, list]] = {
         "full network alone": (full.forward, tensors),
@@ -379,6 +391,7 @@ def own_work(
                 for name, (run, inputs) in rows.items():
                     start = time.perf_counter()
                     run(inputs[i])
+                    synchronize(full.device)
                     seconds[name][r] += time.perf_counter() - start
     ms = {name: 1e3 * statistics.median(s) / len(chunks) for name, s in seconds.items()}
     print(
@@ -391,6 +404,11 @@ def own_work(
         added = "" if name.endswith("alone") else f"{value - ms[before]:+7.2f}"
         print(f"  {name:>36} {value:9.2f} {added:>7}  {ms['full network alone'] / value:.2f}x")
         before = name
+
+
+def device_text(device: str) -> str:
+    """``no GPU used``, or the GPU's name."""
+    return "no GPU used" if device == "cpu" else f"GPU: {torch.cuda.get_device_name(device)}"
 
 
 def batches(images: np.ndarray, size: int) -> list[np.ndarray]:
@@ -418,19 +436,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per row")
     parser.add_argument("--batch1-images", type=int, default=64, help="per pass at batch 1")
     parser.add_argument("--threads", type=int, help="torch threads [default: torch's]")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and serve")
     parser.add_argument("--quick", action="store_true", help="2%% subset, 1 epoch, 2 thresholds")
     args = parser.parse_args()
     if args.quick:
         args.train_fraction, args.epochs, args.thresholds = 0.02, 1, [0.5, 0.9]
         args.images, args.rounds, args.batch1_images = 256, 1, 16
     print(versions("torch", "mlflow"))
-    print(machine() + f", torch threads {torch.get_num_threads()}, no GPU used")
+    print(machine() + f", torch threads {torch.get_num_threads()}, {device_text(args.device)}")
     start = time.perf_counter()
     job = trained_job(job_dict(cifar10_jpeg(), args))
     if args.threads:
         torch.set_num_threads(args.threads)
-    images = job.data.test.images.numpy()  # uint8 [N, 3, 32, 32]
-    labels = job.data.test.labels.numpy()
+    images = job.data.test.images.cpu().numpy()  # uint8 [N, 3, 32, 32], as a client has them
+    labels = job.data.test.labels.cpu().numpy()
     timed = images[np.random.default_rng(args.seed).permutation(len(images))[: args.images]]
 
     with tempfile.TemporaryDirectory() as work:
@@ -439,7 +458,7 @@ def main() -> None:
         experiment = mlflow.create_experiment("bench-serve", artifact_location=artifacts)
         with mlflow.start_run(experiment_id=experiment):
             info = log_servable_model(job.model, job.cfg, job.data)
-        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"})
+        served = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": args.device})
     full = FullNetwork(served, images.shape[1:])
     training_layout = FullNetwork(served, images.shape[1:], torch.contiguous_format)
     predictors: dict[str, Callable] = {"full": full.predict, "full NCHW": training_layout.predict}
@@ -455,10 +474,11 @@ def main() -> None:
             rates[name].append((images_per_second(p, b1), images_per_second(p, b128)))
         print(f"  timing round {r + 1}/{args.rounds} done; {machine()}")
     best = report(answers, rates, labels, job.cfg.num_exits, args)
-    confidence, predicted = predict(job, job.data.test).logits.softmax(dim=-1).max(dim=-1)
+    logits = predict(job, job.data.test).logits.cpu()
+    confidence, predicted = logits.softmax(dim=-1).max(dim=-1)
     agreement(answers, confidence, predicted)
     exit_costs = stage_costs(full, timed[:128])
-    threshold_rules(confidence, predicted == job.data.test.labels, torch.tensor(exit_costs))
+    threshold_rules(confidence, predicted == torch.from_numpy(labels), torch.tensor(exit_costs))
     if best is not None:
         early_exit_costs(full, timed, float(best))
         own_work(served, full, timed, float(best), batch=128)
@@ -551,8 +571,8 @@ def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> 
         f"\nresnet20 (exits {placement}, head width {args.head_width}), {args.kind}, "
         f"{args.epochs} epochs on {args.train_fraction:.0%} of the training set (seed "
         f"{args.seed}); accuracy on the {len(labels)} test images, images/s on "
-        f"{args.images} of them (median of {args.rounds} interleaved passes), CPU, "
-        f"torch threads {torch.get_num_threads()}"
+        f"{args.images} of them (median of {args.rounds} interleaved passes), "
+        f"{args.precision}, {device_text(args.device)}, torch threads {torch.get_num_threads()}"
     )
     head = ["threshold", "accuracy", "Δ acc pts", "GFLOPs/img", "img/s b1", "img/s b128"]
     columns = "".join(f"{h:>11}" for h in [*head, "x full b128"])

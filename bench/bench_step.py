@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from _common import machine, versions
+from _common import machine, synchronize, versions
 from torch import nn
 
 from trainer.config import LossConfig, ModelConfig
@@ -53,12 +53,10 @@ def make_step(cfg: LossConfig, model_cfg: ModelConfig, classes: int, device: tor
 
 
 def timed(step, inputs, labels, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     step(inputs, labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
