@@ -101,6 +101,7 @@ def test_serving_pyfunc_equals_trainer_anytime_evaluation(champion):
     other = model.predict(images, params={"threshold": OTHER})
     assert_same_answers(default, job, THRESHOLD)
     assert_same_answers(other, job, OTHER)
+    pd.testing.assert_frame_equal(model.predict(images, params={"threshold": None}), default)
     # both thresholds send images out at more than one exit, and the lower one earlier
     assert default["exit"].nunique() > 1 and other["exit"].nunique() > 1
     assert other["exit"].mean() < default["exit"].mean()

@@ -198,7 +198,8 @@ class EarlyExitModel:
         return self.network
 
     def predict(self, data: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        threshold = float((params or {}).get(THRESHOLD_PARAM, self.spec.threshold))
+        given = (params or {}).get(THRESHOLD_PARAM)  # None (JSON null) means the default
+        threshold = self.spec.threshold if given is None else float(given)
         if not 0.0 < threshold <= 1.0:
             raise MlflowException.invalid_parameter_value(
                 f"`{THRESHOLD_PARAM}` is {threshold}, but must be in (0, 1]"
