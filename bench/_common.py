@@ -1,5 +1,7 @@
 """What every bench prints and reuses: the versions line, the machine line, a timed median,
-seconds spent in chosen methods.
+a wait for a GPU's queued work, seconds spent in chosen methods. Nothing here imports Ray or
+the orchestrator (the sweep benches share :mod:`_sweeps`), so the benches of the trainer and
+the served model run where only torch, the trainer's needs and MLflow are installed.
 
 Importable from the bench scripts only (``python bench/<name>.py`` puts bench/ on sys.path);
 Ray workers cannot import it, so trainables defined in a bench must not use it.
@@ -11,30 +13,17 @@ import importlib
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import wraps
-from pathlib import Path
 
 import torch
-import yaml
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
-
-from orchestrator.entities.space import SpaceSpec
-from orchestrator.entities.sweep import SweepRecord
-from orchestrator.stores.study import make_sampler, optuna_distributions
-from trainer import metrics as M
 
 __all__ = [
-    "launch_sweep",
     "machine",
     "median_seconds",
-    "stock_search",
     "synchronize",
     "timed_methods",
     "versions",
@@ -106,36 +95,3 @@ def timed_methods(
                 delattr(owner, name)
             else:
                 setattr(owner, name, method)
-
-
-def launch_sweep(space: dict, work: Path, name: str) -> SweepRecord:
-    """Run `space` as a real sweep through `orchestrate launch` on a local Ray, its stores in
-    `work`; the sweep's record once it has ended."""
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    command = [str(Path(sys.executable).with_name("orchestrate")), "launch"]
-    command += ["--space", str(path), "--name", name, "--storage", str(work / "sweeps")]
-    command += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
-    subprocess.run(command, cwd=work, check=True, env={**os.environ, "RAY_ADDRESS": ""})
-    return SweepRecord.load(name, work / "sweeps")
-
-
-def stock_search(spec: SpaceSpec) -> tuple[OptunaSearch, ASHAScheduler]:
-    """Ray's stock OptunaSearch (the space's sampler) and ASHAScheduler (its pruner's
-    settings), as a Tune user would set them up for `spec`."""
-    search = spec.search
-    searcher = OptunaSearch(
-        space=optuna_distributions(spec),
-        metric=search.metric,
-        mode=search.mode,
-        sampler=make_sampler(spec),
-    )
-    scheduler = ASHAScheduler(
-        time_attr=M.EPOCH,
-        metric=search.metric,
-        mode=search.mode,
-        max_t=spec.max_epochs,
-        grace_period=search.pruner.min_resource,
-        reduction_factor=search.pruner.reduction_factor,
-    )
-    return searcher, scheduler

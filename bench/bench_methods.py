@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import launch_sweep, machine, versions
+from _common import machine, versions
+from _sweeps import launch_sweep
 
 from orchestrator.rendering.console import console
 from orchestrator.rendering.tables import comparison_table

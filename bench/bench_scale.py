@@ -58,7 +58,8 @@ from typing import Any
 import optuna
 import ray
 import yaml
-from _common import machine, stock_search, timed_methods, versions
+from _common import machine, timed_methods, versions
+from _sweeps import stock_search
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback

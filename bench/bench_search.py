@@ -53,7 +53,8 @@ import optuna
 import ray
 import replay
 import yaml
-from _common import machine, stock_search, versions
+from _common import machine, versions
+from _sweeps import stock_search
 from ray import cloudpickle, tune
 from replay import CURVES_FILE, Curves, replay_trial
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import optuna
 import yaml
-from _common import launch_sweep, machine, versions
+from _common import machine, versions
+from _sweeps import launch_sweep
 from replay import CURVES_FILE, config_key
 
 from orchestrator.entities.space import decode_params, parse_space
