@@ -152,9 +152,9 @@ class FullNetwork:
             self.network = copy.deepcopy(self.network).to(memory_format=memory_format)
         self.memory_format = memory_format
         self.device = next(self.network.parameters()).device  # the served model's
-        spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
-        self.scale, self.shift = pixel_affine(spec.mean, spec.std, self.device)
-        self.dtype = autocast_dtype(spec.precision, self.device)
+        self.spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
+        self.scale, self.shift = pixel_affine(self.spec.mean, self.spec.std, self.device)
+        self.dtype = autocast_dtype(self.spec.precision, self.device)
         with FlopCounterMode(display=False) as counter, torch.no_grad(), self.autocast():
             self.forward(self.inputs(np.zeros((1, *shape), dtype=np.uint8)))
         self.gflops = counter.get_total_flops() / 1e9
@@ -316,8 +316,11 @@ def early_exit_costs(
         for _ in range(rounds):  # interleaved, as in the throughput rounds
             for name, run in runs.items():
                 passes[name].append(clocked_pass(full.network, run, chunks))
-        on_cpu = full.device.type == "cpu"  # self CPU time says little of a GPU's work
-        by_operator = {name: operator_ms(run, chunks) for name, run in runs.items() if on_cpu}
+        by_operator = (  # self CPU time says little of a GPU's work
+            {name: operator_ms(run, chunks) for name, run in runs.items()}
+            if full.device.type == "cpu"
+            else {}
+        )
     ran = passes["early"][0][0].images  # the same images every pass
     ms = {
         name: {stage: 1e3 * statistics.median(c.seconds[stage] for c, _ in p) for stage in ran}
@@ -368,8 +371,7 @@ def own_work(
     the full network alone."""
     chunks = batches(images, batch)
     tensors = [full.inputs(chunk) for chunk in chunks]
-    spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
-    wrapper = EarlyExitModel(full.network, spec, full.device)  # the served model's own
+    wrapper = EarlyExitModel(full.network, full.spec, full.device)  # the served model's own
     params = {"threshold": threshold}
     rows: dict[str, tuple[Callable, list]] = {
         "full network alone": (full.forward, tensors),
