@@ -6,6 +6,8 @@ The live progress line, ``status`` and the final table all say the best with
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 import optuna
@@ -45,11 +47,19 @@ def value_text(value: float | None) -> str:
 
 
 def params_text(params: Mapping[str, object]) -> str:
-    """``temperature=5.479 exits=[2, 4]``: last part of each dotted key, 4 significant digits."""
-    return " ".join(
-        f"{k.rsplit('.', 1)[-1]}={f'{v:.4g}' if isinstance(v, float) else v}"
-        for k, v in params.items()
-    )
+    """``temperature=5.479 exits=[2,4]``: last part of each dotted key, then its value."""
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={_param_value_text(v)}" for k, v in params.items())
+
+
+def _param_value_text(value: object) -> str:
+    """4 significant digits for a float; a list or mapping choice (Optuna stores it as JSON)
+    without spaces, so that a table wraps between parameters, never inside one."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and value[:1] in ("[", "{"):
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.dumps(json.loads(value), separators=(",", ":"))
+    return str(value)
 
 
 def counts_text(counts: Mapping[str, int]) -> str:

@@ -1,0 +1,35 @@
+"""The trials table as a terminal shows it: parameters wrap between each other, never inside
+a value."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from rich.console import Console
+
+from orchestrator.rendering.tables import params_text, trials_table
+
+EXITS = CategoricalDistribution(["[1, 2, 3, 4]", "[2, 4]"])  # as the space encodes list choices
+
+
+def test_list_and_mapping_choices_are_shown_without_spaces():
+    params = {"loss.temperature": 5.47891, "model.exits": "[1, 2, 3, 4]", "loss.dtd": '{"t0": 2.0}'}
+    assert params_text(params) == 'temperature=5.479 exits=[1,2,3,4] dtd={"t0":2.0}'
+    assert params_text({"loss.kind": "[not json"}) == "kind=[not json"
+
+
+def test_a_narrow_table_keeps_each_parameter_on_one_line():
+    study = optuna.create_study(direction="maximize")
+    params = {"loss.temperature": 6.4471, "loss.teacher_lr": 0.06751, "model.exits": "[1, 2, 3, 4]"}
+    distributions = {
+        "loss.temperature": FloatDistribution(1.0, 8.0),
+        "loss.teacher_lr": FloatDistribution(0.01, 0.3),
+        "model.exits": EXITS,
+    }
+    trial = optuna.trial.create_trial(params=params, distributions=distributions, value=0.5)
+    study.add_trial(trial)
+    console = Console(width=60, record=True, color_system=None)
+    console.print(trials_table(study, "val/acc"))
+    lines = console.export_text().splitlines()
+    assert any("exits=[1,2,3,4]" in line for line in lines), "\n".join(lines)
+    assert any("temperature=6.447" in line for line in lines)
