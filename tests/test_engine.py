@@ -120,6 +120,14 @@ def test_fit_reports_each_epoch_in_order():
     assert seen == [1, 2, 3]
 
 
+def test_an_epoch_reports_each_exits_training_cross_entropy():
+    """DSN's loss is the sum of its exits' cross entropies, so the epoch's means add up."""
+    metrics = train_one_epoch(build_job(digits_job({"kind": "dsn"}, epochs=1)))
+    per_exit = [metrics[M.exit_loss(k, "train")] for k in range(1, 5)]
+    assert all(0.0 < ce < 10.0 for ce in per_exit), per_exit
+    assert sum(per_exit) == pytest.approx(metrics[M.TRAIN_LOSS], rel=1e-5)
+
+
 class _Stop(Exception):
     pass
 

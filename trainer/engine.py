@@ -182,13 +182,15 @@ def build_job(cfg: JobConfig, *, data: DataSplits | None = None) -> Job:
 
 
 def train_one_epoch(job: Job) -> dict[str, float]:
-    """One pass over the training split; returns `train/loss`, the epoch's `lr` and, for
-    phuong_lampert, `train/temperature` (the annealed T after the epoch's last step)."""
+    """One pass over the training split; returns `train/loss`, each exit's mean cross entropy
+    against the labels (`train/exit{k}/loss`), the epoch's `lr` and, for phuong_lampert,
+    `train/temperature` (the annealed T after the epoch's last step)."""
     loss_cfg = job.cfg.loss
     job.model.train()
     lr = job.optimizer.param_groups[0]["lr"]
     kd_rampup = rampup(job.epoch, job.cfg.train.epochs, loss_cfg.kd_rampup)
     total = torch.zeros((), device=job.device)
+    exit_ce = torch.zeros(job.cfg.num_exits, device=job.device)
     seen = 0
     for inputs, labels in job.loader(job.data.train, train=True):
         with torch.autocast(job.device.type, job.autocast_dtype, enabled=bool(job.autocast_dtype)):
@@ -211,6 +213,7 @@ def train_one_epoch(job: Job) -> dict[str, float]:
                 job.temperature, out.logits[-1], loss_cfg.anneal_factor, loss_cfg.anneal_max_prob
             )
         total += loss.total.detach() * labels.numel()  # stays on device: no per-batch sync
+        exit_ce += loss.per_exit_ce * labels.numel()
         seen += labels.numel()
     job.scheduler.step()
     job.epoch += 1
@@ -221,6 +224,8 @@ def train_one_epoch(job: Job) -> dict[str, float]:
             f"(now {job.cfg.optim.lr}) or loss.temperature, or use train.precision: fp32"
         )
     result = {M.TRAIN_LOSS: mean_loss, M.LR: lr}
+    for k, ce in enumerate((exit_ce / max(seen, 1)).tolist(), start=1):
+        result[M.exit_loss(k, "train")] = ce
     if job.temperature is not None:
         result[M.TRAIN_TEMPERATURE] = job.temperature.item()
     return result

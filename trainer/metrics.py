@@ -97,11 +97,14 @@ def kind_metric_names(kind: str, num_exits: int) -> list[str]:
 
 def epoch_metric_names(num_exits: int, kind: str | None = None) -> list[str]:
     """Every metric a training job reports each epoch (with `kind`, its kind's extras too)."""
-    per_exit = [f(k) for k in range(1, num_exits + 1) for f in (exit_acc, exit_loss)]
+    exits = range(1, num_exits + 1)
+    per_exit = [f(k) for k in exits for f in (exit_acc, exit_loss)]
+    train_per_exit = [exit_loss(k, "train") for k in exits]
     extra = [] if kind is None else kind_metric_names(kind, num_exits)
     return [
         EPOCH,
         TRAIN_LOSS,
+        *train_per_exit,
         LR,
         *per_exit,
         ENSEMBLE_ACC,
