@@ -45,11 +45,9 @@ to the GPU in each call, as a client's do.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import hashlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -61,9 +59,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from _common import machine, synchronize, versions
-from mlflow.pyfunc import PyFuncModel
-from torch.utils.flop_counter import FlopCounterMode
+from _common import machine, versions
+from _full_network import FullNetwork, batches
+from _serving_costs import early_exit_costs, own_work, stage_costs
+from _threshold_rules import threshold_rules
 
 from trainer import metrics as M
 from trainer.config import parse_job_config
@@ -76,26 +75,12 @@ from trainer.engine import (
     save_checkpoint,
 )
 from trainer.images import user_cache_dir
-from trainer.models import MultiExitNet
-from trainer.models.early_exit import early_exit
-from trainer.pixels import normalise, pixel_affine
-from trainer.precision import autocast_dtype
-from trainer.serving import METADATA_KEY, EarlyExitModel, ServingSpec, log_servable_model
+from trainer.serving import log_servable_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
 THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
-RULE_GRID = torch.arange(0.3, 1.0, 0.025)  # thresholds the rules choose from
-# Kinds of operator by a fragment of their aten name, first match wins; the rest is "other".
-OPERATOR_KINDS = {
-    "convolutions": ("convolution", "conv2d"),
-    "batch norms": ("batch_norm",),
-    "ReLUs": ("relu", "clamp_min"),
-    "linear layers": ("addmm", "aten::mm"),  # before the adds: aten::addmm
-    "residual adds": ("aten::add",),
-    "gathers, index writes": ("index", "nonzero", "masked"),
-}
 
 
 def job_dict(root: Path, args) -> dict:
@@ -137,284 +122,9 @@ def trained_job(config: dict):
     return job
 
 
-class FullNetwork:
-    """Always the whole network: normalise, stem, every block, the last exit's head; in the
-    served model's memory format and precision, on its raw network."""
-
-    def __init__(
-        self,
-        served: PyFuncModel,
-        shape: tuple[int, ...],
-        memory_format: torch.memory_format = torch.channels_last,
-    ) -> None:
-        self.network: MultiExitNet = served.get_raw_model()  # eval, channels_last
-        if memory_format != torch.channels_last:
-            self.network = copy.deepcopy(self.network).to(memory_format=memory_format)
-        self.memory_format = memory_format
-        self.device = next(self.network.parameters()).device  # the served model's
-        self.spec = ServingSpec.from_dict(served.metadata.metadata[METADATA_KEY])
-        self.scale, self.shift = pixel_affine(self.spec.mean, self.spec.std, self.device)
-        self.dtype = autocast_dtype(self.spec.precision, self.device)
-        with FlopCounterMode(display=False) as counter, torch.no_grad(), self.autocast():
-            self.forward(self.inputs(np.zeros((1, *shape), dtype=np.uint8)))
-        self.gflops = counter.get_total_flops() / 1e9
-
-    def inputs(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device).contiguous(memory_format=self.memory_format)
-        return normalise(x, self.scale, self.shift)
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.network.backbone.stem(x)
-        for block in self.network.backbone.blocks:
-            h = block(h)
-        return self.network.heads[-1](h)[0]
-
-    @torch.no_grad()
-    def predict(self, images: np.ndarray) -> pd.DataFrame:
-        with self.autocast():
-            classes = self.forward(self.inputs(images)).argmax(dim=-1).cpu().numpy()
-        exit_ = self.network.num_exits
-        return pd.DataFrame({"class": classes, "exit": exit_, "gflops": self.gflops})
-
-
-@torch.no_grad()
-def stage_costs(full: FullNetwork, images: np.ndarray, rounds: int = 7) -> list[float]:
-    """Per stage of the network (stem, each block, each exit's head) on the batch `images`:
-    its share of the FLOPs and of the time (median of `rounds`), and what reaching each exit
-    costs in time against the full network (stem, every block, the last head); returns those
-    costs, one per exit."""
-    with full.autocast():
-        return _stage_costs(full.network, full.inputs(images), rounds)
-
-
-def named_stages(network: MultiExitNet) -> list[tuple[str, torch.nn.Module]]:
-    """The stem, then each block followed by its exit head if it has one, in running order."""
-    stages: list[tuple[str, torch.nn.Module]] = [("stem", network.backbone.stem)]
-    for index, (block, head) in enumerate(network.stages(), start=1):
-        stages.append((f"block {index}", block))
-        if head is not None:
-            stages.append((f"exit head {index}", head))
-    return stages
-
-
-def _stage_costs(network: MultiExitNet, x: torch.Tensor, rounds: int) -> list[float]:
-    parts: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
-    h = x
-    for name, module in named_stages(network):
-        parts.append((name, module, h))
-        if not name.startswith("exit"):
-            h = module(h)
-    costs = {}
-    for name, module, inputs in parts:
-        with FlopCounterMode(display=False) as counter:
-            module(inputs)
-        times = []
-        for _ in range(rounds):
-            synchronize(x.device)
-            start = time.perf_counter()
-            module(inputs)
-            synchronize(x.device)
-            times.append(time.perf_counter() - start)
-        costs[name] = (counter.get_total_flops(), statistics.median(times))
-    flops, seconds = (sum(c[i] for c in costs.values()) for i in (0, 1))
-    print(f"\nwhere the time goes, batch {len(x)}:  stage  FLOPs share  time share")
-    for name, (f, t) in costs.items():
-        print(f"  {name:>15} {f / flops:12.1%} {t / seconds:11.1%}")
-    heads = [name for name in costs if name.startswith("exit")]
-    full = seconds - sum(costs[name][1] for name in heads[:-1])
-    spent, exit_costs = 0.0, []
-    for name, (_, t) in costs.items():
-        spent += t
-        if name.startswith("exit"):
-            exit_costs.append(spent / full)
-            block = name.split()[-1]
-            print(f"  leaving after block {block} costs {spent / full:.2f} of the full network")
-    return exit_costs
-
-
-class StageClock:
-    """Forward hooks on each stage: the seconds spent in it and the images it ran on."""
-
-    def __init__(self, network: MultiExitNet) -> None:
-        stages = named_stages(network)
-        self.seconds = {name: 0.0 for name, _ in stages}
-        self.images = {name: 0 for name, _ in stages}
-        self.started = 0.0
-        self.handles = [
-            hook
-            for name, module in stages
-            for hook in (
-                module.register_forward_pre_hook(functools.partial(self.start, name)),
-                module.register_forward_hook(functools.partial(self.stop, name)),
-            )
-        ]
-
-    def start(self, name: str, module: torch.nn.Module, args: tuple) -> None:
-        self.images[name] += len(args[0])
-        synchronize(args[0].device)
-        self.started = time.perf_counter()
-
-    def stop(self, name: str, module: torch.nn.Module, args: tuple, output) -> None:
-        synchronize(args[0].device)
-        self.seconds[name] += time.perf_counter() - self.started
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def operator_kind(name: str) -> str:
-    """The OPERATOR_KINDS entry an aten operator's name falls under, else "other"."""
-    for kind, fragments in OPERATOR_KINDS.items():
-        if any(fragment in name for fragment in fragments):
-            return kind
-    return "other"
-
-
-def operator_ms(run: Callable, chunks: list) -> dict[str, float]:
-    """Self CPU milliseconds per kind of operator over one profiled pass of `run` on `chunks`."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" on a CPU
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
-        for x in chunks:
-            run(x)
-    ms = dict.fromkeys([*OPERATOR_KINDS, "other"], 0.0)
-    for event in profiled.key_averages():
-        ms[operator_kind(event.key)] += event.self_cpu_time_total / 1e3
-    return ms
-
-
-def clocked_pass(network: MultiExitNet, run: Callable, chunks: list) -> tuple[StageClock, float]:
-    """Run `run` on every chunk with a StageClock on `network`: (the clock, total seconds)."""
-    clock = StageClock(network)
-    start = time.perf_counter()
-    for x in chunks:
-        run(x)
-    synchronize(chunks[0].device)
-    seconds = time.perf_counter() - start
-    clock.remove()
-    return clock, seconds
-
-
-@torch.no_grad()
-def early_exit_costs(
-    full: FullNetwork, images: np.ndarray, threshold: float, rounds: int = 5
-) -> None:
-    """Per stage, over `images` in batches of 128: the time the full network and the early
-    exit at `threshold` spend in it (median of `rounds` interleaved passes), the share of the
-    images it ran on in the early exit, and its time per image there against the full
-    network's; the rest of the early exit's time is its decisions and gathers."""
-    chunks = [full.inputs(chunk) for chunk in batches(images, 128)]
-    runs = {
-        "full": full.forward,
-        "early": lambda x: early_exit(full.network, x, threshold),
-    }
-    passes: dict[str, list[tuple[StageClock, float]]] = {name: [] for name in runs}
-    with full.autocast():
-        for _ in range(rounds):  # interleaved, as in the throughput rounds
-            for name, run in runs.items():
-                passes[name].append(clocked_pass(full.network, run, chunks))
-        by_operator = (  # self CPU time says little of a GPU's work
-            {name: operator_ms(run, chunks) for name, run in runs.items()}
-            if full.device.type == "cpu"
-            else {}
-        )
-    ran = passes["early"][0][0].images  # the same images every pass
-    ms = {
-        name: {stage: 1e3 * statistics.median(c.seconds[stage] for c, _ in p) for stage in ran}
-        for name, p in passes.items()
-    }
-    total = {name: 1e3 * statistics.median(t for _, t in p) for name, p in passes.items()}
-    print(
-        f"\nthe early exit at {threshold:g} against the full network, stage by stage, over "
-        f"{len(images)} images in batches of 128 (median of {rounds} passes):"
-    )
-    print(f"  {'stage':>15} {'full ms':>9} {'early ms':>9} {'images':>7} {'per image':>10}")
-    for stage, count in ran.items():
-        share, full_ms, early_ms = count / len(images), ms["full"][stage], ms["early"][stage]
-        per_image = f"{early_ms / (share * full_ms):9.2f}x" if share and full_ms else ""
-        print(f"  {stage:>15} {full_ms:9.1f} {early_ms:9.1f} {share:7.0%} {per_image}")
-    outside = {name: total[name] - sum(ms[name].values()) for name in runs}
-    print(
-        f"  {'outside stages':>15} {outside['full']:9.1f} {outside['early']:9.1f}"
-        "   (decisions, gathers)"
-    )
-    print(
-        f"  {'total':>15} {total['full']:9.1f} {total['early']:9.1f}   "
-        f"{total['full'] / total['early']:.2f}x the full network's throughput"
-    )
-    if not by_operator:
-        return
-    print("  by kind of operator (self CPU time, one profiled pass each; the full network's share)")
-    whole = sum(by_operator["full"].values())
-    for kind, full_ms in by_operator["full"].items():
-        early_ms = by_operator["early"][kind]
-        print(f"  {kind:>22} {full_ms:9.1f} {early_ms:9.1f} {full_ms / whole:7.0%}")
-
-
-@torch.no_grad()
-def own_work(
-    served: PyFuncModel,
-    full: FullNetwork,
-    images: np.ndarray,
-    threshold: float,
-    batch: int,
-    rounds: int = 5,
-) -> None:
-    """What serving adds to the network, per call on `batch` images of `images` (median of
-    `rounds` passes, each running every row on one batch before the next): each side's network
-    alone on normalised tensors, then with the uint8 input turned into them and the answers
-    into a DataFrame (the full network's predict, the served model's own predict), then the
-    early exit through ``mlflow.pyfunc`` (its input and parameter checks); each row against
-    the full network alone."""
-    chunks = batches(images, batch)
-    tensors = [full.inputs(chunk) for chunk in chunks]
-    wrapper = EarlyExitModel(full.network, full.spec, full.device)  # the served model's own
-    params = {"threshold": threshold}
-    rows: dict[str, tuple[Callable, list]] = {
-        "full network alone": (full.forward, tensors),
-        "full, uint8 in, DataFrame out": (full.predict, chunks),
-        "early exit alone": (lambda x: early_exit(full.network, x, threshold), tensors),
-        "early exit, uint8 in, DataFrame out": (
-            functools.partial(wrapper.predict, params=params),
-            chunks,
-        ),
-        "early exit through mlflow.pyfunc": (
-            functools.partial(served.predict, params=params),
-            chunks,
-        ),
-    }
-    seconds = {name: [0.0] * rounds for name in rows}
-    with full.autocast():
-        for r in range(rounds):
-            for i in range(len(chunks)):  # every row on each batch in turn: the least drift
-                for name, (run, inputs) in rows.items():
-                    start = time.perf_counter()
-                    run(inputs[i])
-                    synchronize(full.device)
-                    seconds[name][r] += time.perf_counter() - start
-    ms = {name: 1e3 * statistics.median(s) / len(chunks) for name, s in seconds.items()}
-    print(
-        f"\nwhat serving adds at {threshold:g}, per call on {batch} image(s), over {len(images)}"
-        f" images (median of {rounds} passes, interleaved call by call):"
-        f"\n  {'':>36} {'ms/call':>9} {'added':>7}  x the full network alone"
-    )
-    before = ""
-    for name, value in ms.items():
-        added = "" if name.endswith("alone") else f"{value - ms[before]:+7.2f}"
-        print(f"  {name:>36} {value:9.2f} {added:>7}  {ms['full network alone'] / value:.2f}x")
-        before = name
-
-
 def device_text(device: str) -> str:
     """``no GPU used``, or the GPU's name."""
     return "no GPU used" if device == "cpu" else f"GPU: {torch.cuda.get_device_name(device)}"
-
-
-def batches(images: np.ndarray, size: int) -> list[np.ndarray]:
-    return [images[i : i + size] for i in range(0, len(images), size)]
 
 
 def images_per_second(predict: Callable, chunks: list[np.ndarray]) -> float:
@@ -503,66 +213,6 @@ def agreement(
         same = (frame["exit"].to_numpy() == exits.numpy() + 1) & (frame["class"] == classes)
         differ.append(f"{name}: {int((~same).sum())}")
     print(f"images served otherwise than the trainer's anytime evaluation: {', '.join(differ)}")
-
-
-def threshold_rules(
-    confidence: torch.Tensor,
-    correct: torch.Tensor,
-    exit_costs: torch.Tensor,
-    grid: torch.Tensor = RULE_GRID,
-) -> None:
-    """Whether the rule or the network stands in the way: the least time within 0.5 points
-    of the full network on the test images (`confidence`, `correct`: [K, N], the trainer's),
-    predicted as the shares leaving at each exit times `exit_costs` (the time of leaving at
-    each exit against the full network), for one threshold at every exit and for a threshold
-    per exit chosen with hindsight on these images, each from `grid`. Up to the grid's step,
-    the second bounds every rule that ranks an exit's images by its max softmax, calibrated
-    per exit (temperature scaling) or not."""
-    share, accuracy = _leaving_shares(confidence, correct, grid)  # [G, .., G, K], [G, .., G]
-    too_low = accuracy < correct[-1].float().mean() - 0.005
-    cost = (share @ exit_costs).masked_fill(too_low, float("inf"))
-    same = (torch.arange(len(grid)),) * cost.dim()  # the diagonal: one threshold everywhere
-    rules = {
-        "one threshold": (same[0][cost[same].argmin()],) * cost.dim(),
-        "a threshold per exit": torch.unravel_index(cost.argmin(), cost.shape),
-    }
-    print(
-        "\nthreshold rules, with hindsight on the test images: the least time within 0.5 points"
-        " of the full network,\npredicted as the shares leaving at each exit times the costs"
-        " of leaving there (above)"
-    )
-    for rule, best in rules.items():
-        if cost[best].isinf():
-            print(f"  {rule:>20}: none within 0.5 points")
-            continue
-        print(
-            f"  {rule:>20}: {', '.join(f'{grid[i]:.3g}' for i in best)} -> {cost[best]:.3f} of"
-            f" the full network's time ({1 / cost[best]:.2f}x), shares leaving at each exit "
-            + " ".join(f"{x:.2f}" for x in share[best].tolist())
-        )
-
-
-def _leaving_shares(
-    confidence: torch.Tensor, correct: torch.Tensor, grid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every choice of a threshold from `grid` at each of exits 1..K-1 (the last exit
-    takes everyone left): the share of the images leaving at each exit, [G, .., G, K], and
-    the accuracy, [G, .., G]."""
-    exits, images = confidence.shape
-    alive = torch.ones(images, dtype=torch.bool)
-    leaving, hits = [], torch.zeros(())
-    for k in range(exits):
-        if k < exits - 1:  # a new axis for this exit's threshold
-            shape = [1] * (exits - 1) + [images]
-            shape[k] = len(grid)
-            leave = alive & (confidence[k] >= grid.view(-1, 1)).view(shape)
-            alive = alive & ~leave
-        else:
-            leave = alive
-        leaving.append(leave.sum(dim=-1))
-        hits = hits + (leave & correct[k]).sum(dim=-1)
-    share = torch.stack(torch.broadcast_tensors(*leaving), dim=-1) / images
-    return share, hits / images
 
 
 def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> str | None:

@@ -1,4 +1,4 @@
-"""bench/bench_serve.py's threshold rules (which images leave where, against a hand-worked case),
+"""The serving benchmark's threshold rules (which images leave where, against a hand-worked case),
 its time by kind of operator (torch.profiler's names for a small network's operators), and its
 table of what serving adds (on a digits model logged and loaded as MLflow serves it)."""
 
@@ -17,7 +17,9 @@ from trainer.engine import build_job
 from trainer.serving import log_servable_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_serve import FullNetwork, _leaving_shares, operator_ms, own_work, threshold_rules
+from _full_network import FullNetwork
+from _serving_costs import operator_ms, own_work
+from _threshold_rules import leaving_shares, threshold_rules
 
 # Three exits, four images. Exit 1 is sure of images 0 (0.9) and 3 (0.7), half sure of 1
 # (0.6), unsure of 2 (0.4); exit 2 is sure of 0, 1, 3 (0.85 and up) and not of 2 (0.6).
@@ -29,7 +31,7 @@ DIGITS = {"dataset": {"name": "digits"}, "model": {"arch": "convnet"}, "train": 
 
 
 def test_shares_and_accuracy_for_every_pair_of_thresholds() -> None:
-    share, accuracy = _leaving_shares(CONFIDENCE, CORRECT, GRID)
+    share, accuracy = leaving_shares(CONFIDENCE, CORRECT, GRID)
     # [threshold at exit 1, threshold at exit 2, exit]; worked by hand image by image
     expected_share = torch.tensor(
         [
