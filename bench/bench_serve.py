@@ -28,7 +28,8 @@ the rest being its decisions and gathers, then the same two by kind of operator 
 batch norms, ReLUs, residual adds, gathers: torch.profiler's self CPU time over one pass each;
 on the CPU only), and what serving adds to each side's network: turning uint8 images into
 normalised tensors and answers into a DataFrame, and MLflow's pyfunc layer. `--exits` and
-`--head-width` set `model.exits` and `model.head_width` of the network trained.
+`--head-width` set `model.exits` and `model.head_width` of the network trained; `--set
+KEY=VALUE` any other setting of its job (`--set loss.temperature=2.3`: a sweep's choice).
 
 Accuracy and GFLOPs come from an untimed pass, which also warms up. Throughput is the median
 over `--rounds` passes that visit every row in turn, so a change in the machine's load hits
@@ -59,6 +60,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from _common import machine, versions
 from _full_network import FullNetwork, batches
 from _serving_costs import early_exit_costs, own_work, stage_costs
@@ -84,7 +86,9 @@ THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
 
 
 def job_dict(root: Path, args) -> dict:
-    return {
+    """The job the benchmark trains, with `--set KEY=VALUE` overrides (dotted keys, YAML
+    values) on top."""
+    config = {
         "dataset": {
             "name": "imagefolder",
             "root": str(root),
@@ -103,6 +107,14 @@ def job_dict(root: Path, args) -> dict:
             "precision": args.precision,
         },
     }
+    for setting in args.set:
+        dotted, _, value = setting.partition("=")
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return config
 
 
 def trained_job(config: dict):
@@ -143,6 +155,13 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--exits", type=int, nargs="+", default=[3, 5, 7, 9], help="model.exits")
     parser.add_argument("--head-width", type=float, default=1.0, help="model.head_width")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other job setting, e.g. loss.temperature=2.3 (repeatable)",
+    )
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
     parser.add_argument("--images", type=int, default=2048, help="test images timed")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes per row")
@@ -220,7 +239,8 @@ def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> 
     the fastest threshold within 0.5 points of the full network's accuracy, if any."""
     placement = ",".join(map(str, args.exits))
     print(
-        f"\nresnet20 (exits {placement}, head width {args.head_width}), {args.kind}, "
+        f"\nresnet20 (exits {placement}, head width {args.head_width}), {args.kind}"
+        f"{''.join(f', {setting}' for setting in args.set)}, "
         f"{args.epochs} epochs on {args.train_fraction:.0%} of the training set (seed "
         f"{args.seed}); accuracy on the {len(labels)} test images, images/s on "
         f"{args.images} of them (median of {args.rounds} interleaved passes), "
