@@ -42,8 +42,10 @@ CHAMPION_ALIAS = "champion"
 
 @dataclass(frozen=True)
 class Promotion:
+    """What `promote` did: the final job's MLflow run and test metrics, and the model version
+    it registered, with how to load and serve it."""
+
     run_id: str
-    trial_number: int
     metrics: dict[str, float]
     model_name: str | None
     model_version: str | None
@@ -113,7 +115,7 @@ def promote(
         usage = tuple(
             usage_lines(f"models:/{register}@{CHAMPION_ALIAS}", mask(record.tracking_uri))
         )
-    return Promotion(run_id, number, final, register, version, usage)
+    return Promotion(run_id, final, register, version, usage)
 
 
 def _log_model(record: SweepRecord, run_id: str, job: Job, register: str | None) -> str | None:
