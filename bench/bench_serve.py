@@ -55,6 +55,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -67,7 +68,7 @@ from _serving_costs import early_exit_costs, own_work, stage_costs
 from _threshold_rules import threshold_rules
 
 from trainer import metrics as M
-from trainer.config import parse_job_config
+from trainer.config import JobConfig, apply_overrides, parse_job_config
 from trainer.engine import (
     CHECKPOINT_FILE,
     build_job,
@@ -85,9 +86,8 @@ from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
 
 
-def job_dict(root: Path, args) -> dict:
-    """The job the benchmark trains, with `--set KEY=VALUE` overrides (dotted keys, YAML
-    values) on top."""
+def job_config(root: Path, args) -> JobConfig:
+    """The job the benchmark trains, with the `--set` overrides on top."""
     config = {
         "dataset": {
             "name": "imagefolder",
@@ -107,20 +107,20 @@ def job_dict(root: Path, args) -> dict:
             "precision": args.precision,
         },
     }
-    for setting in args.set:
-        dotted, _, value = setting.partition("=")
-        *parents, leaf = dotted.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return config
+    return apply_overrides(parse_job_config(config), dict(args.set), source="--set")
 
 
-def trained_job(config: dict):
+def setting(text: str) -> tuple[str, Any]:
+    """One `--set KEY=VALUE`: a dotted key of the job config and its value, read as YAML."""
+    key, _, value = text.partition("=")
+    return key, yaml.safe_load(value)
+
+
+def trained_job(cfg: JobConfig):
     """The job, trained, or restored from the cached checkpoint of the same config."""
-    job = build_job(parse_job_config(config))
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    job = build_job(cfg)
+    config = json.dumps(cfg.explicit_dict(), sort_keys=True)
+    key = hashlib.sha256(config.encode()).hexdigest()[:16]
     cache = user_cache_dir() / "bench" / f"serve-resnet20-{key}"
     if (cache / CHECKPOINT_FILE).is_file():
         load_checkpoint(job, cache)
@@ -159,6 +159,7 @@ def main() -> None:
         "--set",
         action="append",
         default=[],
+        type=setting,
         metavar="KEY=VALUE",
         help="any other job setting, e.g. loss.temperature=2.3 (repeatable)",
     )
@@ -176,7 +177,7 @@ def main() -> None:
     print(versions("torch", "mlflow"))
     print(machine() + f", torch threads {torch.get_num_threads()}, {device_text(args.device)}")
     start = time.perf_counter()
-    job = trained_job(job_dict(cifar10_jpeg(), args))
+    job = trained_job(job_config(cifar10_jpeg(), args))
     if args.threads:
         torch.set_num_threads(args.threads)
     images = job.data.test.images.cpu().numpy()  # uint8 [N, 3, 32, 32], as a client has them
@@ -240,7 +241,7 @@ def report(answers: dict, rates: dict, labels: np.ndarray, exits: int, args) -> 
     placement = ",".join(map(str, args.exits))
     print(
         f"\nresnet20 (exits {placement}, head width {args.head_width}), {args.kind}"
-        f"{''.join(f', {setting}' for setting in args.set)}, "
+        f"{''.join(f', {key}={value}' for key, value in args.set)}, "
         f"{args.epochs} epochs on {args.train_fraction:.0%} of the training set (seed "
         f"{args.seed}); accuracy on the {len(labels)} test images, images/s on "
         f"{args.images} of them (median of {args.rounds} interleaved passes), "
