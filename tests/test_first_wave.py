@@ -1,9 +1,10 @@
 """The first-wave gate (orchestrator.tuning.first_wave) in real Ray actor processes: the first
-trials start together, a late or retried actor is not held, and a wave that never fills
-opens at the timeout."""
+trials start together, a late or retried actor is not held, a wave that never fills opens
+at the timeout, and a gate that is gone holds and fails nothing."""
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import ray
@@ -50,3 +51,11 @@ def test_a_wave_that_never_fills_opens_at_the_timeout(local_ray):
     gated = gate_first_wave(started_at, size=3, timeout_s=1.5)
     assert 1.5 <= waited(TrialProcess.remote(), gated) < 5.0
     assert waited(TrialProcess.remote(), gated) < 1.0  # open from then on
+
+
+def test_a_gate_that_is_gone_lets_trials_through(local_ray):
+    # As when the gate's node is lost: a retried trial's actor must still run its trial.
+    gated = gate_first_wave(started_at, size=2, timeout_s=60)
+    gate = inspect.getclosurevars(gated).nonlocals["gate"]
+    ray.kill(gate)
+    assert waited(TrialProcess.remote(), gated) < 5.0  # not ActorDiedError, nor the timeout

@@ -305,7 +305,8 @@ def test_trials_of_a_lost_node_resume_on_the_survivor(cluster, tmp_path):
     assert launch.returncode == 0, output
     victims = on_worker()
     moved = [d for d in victims if {r["node_ip"] for r in _results(d)} == {WORKER_IP, HEAD_IP}]
-    assert len(moved) == 1, "the lost node's trial never ran on the head"
+    where = {d.name: [(r["epoch"], r["node_ip"]) for r in _results(d)] for d in victims}
+    assert len(moved) == 1, f"the lost node's trial never ran on the head: {where}\n{output}"
     victim = moved[0]
     for trial_dir in sweep_dir.glob("trial_*"):  # (each epoch once: MLflow, below)
         assert _results(trial_dir)[-1]["epoch"] == epochs

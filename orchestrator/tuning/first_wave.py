@@ -9,16 +9,24 @@ instead of one per slot, its CPU spent on processes that never run a trial (meas
 docs/benchmarks.md). So each trial actor, before its first trial, waits until the first wave
 has arrived (as many actors as trials may run at once) or `timeout_s` has passed; after that
 the gate stays open, and a later actor (a retried trial's) goes straight through.
+
+The gate lives on the driver's node, so it lasts as long as the sweep. A trial actor that
+cannot reach it goes through as if it were open: the gate only spaces out the first wave and
+must never fail a trial (retried trials did fail when the gate had been on the node they
+were lost with).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 __all__ = ["FIRST_WAVE_TIMEOUT_S", "gate_first_wave"]
 
@@ -50,8 +58,10 @@ def gate_first_wave(
     timeout_s: float = FIRST_WAVE_TIMEOUT_S,
 ) -> Callable[[dict[str, Any]], None]:
     """`trainable`, whose actors' first trial waits for the first `size` actors to be up.
-    Needs a connected Ray (the gate is an actor of no resources, owned by this driver)."""
-    gate = _FirstWaveGate.remote(size, timeout_s)
+    Needs a connected Ray (the gate is an actor of no resources, owned by this driver and on
+    its node)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    gate = _FirstWaveGate.options(scheduling_strategy=here).remote(size, timeout_s)
 
     @functools.wraps(trainable)
     def gated(config: dict[str, Any]) -> None:
@@ -62,8 +72,10 @@ def gate_first_wave(
 
 
 def _pass_once(gate: ray.actor.ActorHandle) -> None:
-    """In a trial actor: wait at the gate before this process's first trial only."""
+    """In a trial actor: wait at the gate before this process's first trial only; a gate
+    that is gone counts as open."""
     global _passed
     if not _passed:
-        ray.get(gate.arrive.remote())
+        with contextlib.suppress(RayActorError):
+            ray.get(gate.arrive.remote())
         _passed = True
