@@ -336,14 +336,6 @@ def fresh_store(directory: Path) -> str:
     return uri
 
 
-def applied(writer, timeout: float = 60.0) -> None:
-    """Wait until the writer's child has applied every write, looking every 0.2 ms
-    (`flush` looks every 20 ms, which would be most of what is timed here)."""
-    deadline = time.monotonic() + timeout
-    while writer.pending and time.monotonic() < deadline:
-        time.sleep(2e-4)
-
-
 def time_ours(uri: str, trial, results: list[dict], *, driver_only: bool) -> list[float]:
     """Per epoch: the callback's journal append (what Tune's driver waits for) and, unless
     `driver_only`, the background writer's log_batch too (waited for after each epoch)."""
@@ -360,7 +352,7 @@ def time_ours(uri: str, trial, results: list[dict], *, driver_only: bool) -> lis
         start = time.perf_counter()
         callback.on_trial_result(0, [trial], trial, result)
         if not driver_only:
-            applied(callback.writer)
+            callback.writer.flush(60, poll_s=2e-4)  # the default 20 ms would be most of it
         times.append(time.perf_counter() - start)
     callback.writer.close(60)
     return times

@@ -167,12 +167,12 @@ class MlflowWriter:
             self._submitted += 1
             self._wake.send_bytes(b"")
 
-    def flush(self, timeout: float) -> int:
-        """Wait up to `timeout` seconds for every write to be applied; returns how many are
-        still pending."""
+    def flush(self, timeout: float, poll_s: float = _POLL_S) -> int:
+        """Wait up to `timeout` seconds for every write to be applied, looking every `poll_s`
+        seconds; returns how many are still pending."""
         deadline = time.monotonic() + timeout
         while self.pending and self._process.is_alive() and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
+            time.sleep(poll_s)
         return self.pending
 
     def close(self, timeout: float) -> int:
