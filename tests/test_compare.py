@@ -127,8 +127,18 @@ def test_second_compare_reads_the_cache_and_loads_no_torch(grid_sweep):
         ),
     ],
 )
-def test_compare_refuses_a_key_or_group_the_sweep_does_not_have(grid_sweep, args, message):
-    workdir, _ = grid_sweep
-    result = _compare(workdir, *args)
-    assert result.exit_code == 2
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
+def test_compare_refuses_a_key_or_group_the_sweep_does_not_have(
+    grid_sweep, tmp_path, args, message
+):
+    workdir, record = grid_sweep
+    cache = record.directory / COMPARE_DIR
+    if cache.exists():  # without the cache, a refusal after evaluating would show
+        cache.rename(tmp_path / COMPARE_DIR)
+    try:
+        result = _compare(workdir, *args)
+        assert result.exit_code == 2
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+        assert not cache.exists()  # refused before any checkpoint was evaluated
+    finally:
+        if (tmp_path / COMPARE_DIR).exists():
+            (tmp_path / COMPARE_DIR).rename(cache)

@@ -1,5 +1,5 @@
-"""The trials table as a terminal shows it: parameters wrap between each other, never inside
-a value."""
+"""The tables as a terminal shows them: parameters wrap between each other, never inside a
+value; a comparison shows a spread only where a group has one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from rich.console import Console
 
-from orchestrator.rendering.tables import params_text, trials_table
+from orchestrator.rendering.tables import comparison_rows, params_text, trials_table
+from orchestrator.selection.groups import TrialResult, summarize
 
 EXITS = CategoricalDistribution(["[1, 2, 3, 4]", "[2, 4]"])  # as the space encodes list choices
 
@@ -33,3 +34,14 @@ def test_a_narrow_table_keeps_each_parameter_on_one_line():
     lines = console.export_text().splitlines()
     assert any("exits=[1,2,3,4]" in line for line in lines), "\n".join(lines)
     assert any("temperature=6.447" in line for line in lines)
+
+
+def test_a_group_of_one_trial_shows_its_value_without_a_spread():
+    results = [
+        TrialResult(0, "dsn", 0, {"test/acc": 0.5}),
+        TrialResult(1, "dsn", 1, {"test/acc": 0.7}),
+        TrialResult(2, "mate", 0, {"test/acc": 0.8125}),
+    ]
+    _, dsn, mate = comparison_rows(summarize(results, ["test/acc"]), ["test/acc"], {}, None)
+    assert dsn == ["dsn", "2", "0.6000 ± 0.1414"]
+    assert mate == ["mate", "1", "0.8125"]

@@ -160,11 +160,13 @@ def comparison_rows(
     verdicts: Mapping[str, Mapping[str, Verdict | None]],
     against: str | None,
 ) -> list[list[str]]:
-    """Header, then per group its trials and ``mean ± std`` of each metric, then per judged
-    group its verdicts against `against` (difference of means ± twice its standard error)."""
+    """Header, then per group its trials and ``mean ± std`` of each metric (the value alone for
+    a single trial), then per judged group its verdicts against `against` (difference of
+    means ± twice its standard error)."""
     rows = [["group", "trials", *(_metric_header(m) for m in metrics)]]
     for g in groups:
-        cells = [f"{g.mean[m]:.4f} ± {g.std[m]:.4f}" for m in metrics]
+        spread = len(g.trials) > 1  # one trial has a value, not a spread
+        cells = [f"{g.mean[m]:.4f}" + (f" ± {g.std[m]:.4f}" if spread else "") for m in metrics]
         rows.append([g.group, str(len(g.trials)), *cells])
     for group, by_metric in verdicts.items():
         pairing = "paired by seed" if any(v and v.paired for v in by_metric.values()) else ""

@@ -126,15 +126,15 @@ def _cached_metrics(
     return metrics
 
 
-def _trial_results(
-    record: SweepRecord, spec: SpaceSpec, by: str, on_evaluate: Callable[[int], None]
-) -> list[TrialResult]:
-    results = []
+def _finished_trials(
+    record: SweepRecord, spec: SpaceSpec, by: str
+) -> list[tuple[optuna.trial.FrozenTrial, JobConfig, str]]:
+    """Each COMPLETE trial with its job config and its group value, in trial order."""
+    finished = []
     for trial in complete_trials(load_study(record)):
         cfg = spec.job_for(decode_params(spec, trial.params))
-        metrics = _cached_metrics(record, trial, cfg, on_evaluate)
-        results.append(TrialResult(trial.number, _group_value(cfg, by), cfg.train.seed, metrics))
-    return results
+        finished.append((trial, cfg, _group_value(cfg, by)))
+    return finished
 
 
 def _check_key(spec: SpaceSpec, by: str) -> None:
@@ -157,14 +157,20 @@ def compare(
     (not read from the cache)."""
     spec = record.spec()
     _check_key(spec, by)
-    results = _trial_results(record, spec, by, on_evaluate)
-    if not results:
+    finished = _finished_trials(record, spec, by)
+    if not finished:
         raise ConfigError(f"sweep {record.name!r} has no finished trial to compare")
+    names = list(dict.fromkeys(group for _, _, group in finished))
+    if against is not None and against not in names:  # checked before any evaluation
+        raise ConfigError(f"--against is {against!r}, but the groups are {', '.join(names)}")
+    results = [
+        TrialResult(
+            trial.number, group, cfg.train.seed, _cached_metrics(record, trial, cfg, on_evaluate)
+        )
+        for trial, cfg, group in finished
+    ]
     num_exits = min(sum(m.endswith("/gflops") for m in r.metrics) for r in results)
     groups = summarize(results, [*compared_metrics(num_exits), *_gflops(num_exits)])
-    names = [g.group for g in groups]
-    if against is not None and against not in names:
-        raise ConfigError(f"--against is {against!r}, but the groups are {', '.join(names)}")
     verdicts = _verdicts(groups, against, compared_metrics(num_exits))
     comparison = Comparison(by, against, num_exits, groups, verdicts, [])
     return _write(comparison, Path(output_dir or record.directory))
