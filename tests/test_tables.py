@@ -1,5 +1,5 @@
 """The tables as a terminal shows them: parameters wrap between each other, never inside a
-value; a comparison shows a spread only where a group has one."""
+value, nor a sweep's name; a comparison shows a spread only where a group has one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from rich.console import Console
 
-from orchestrator.rendering.tables import comparison_rows, params_text, trials_table
+from orchestrator.rendering.tables import (
+    comparison_rows,
+    params_text,
+    sweeps_table,
+    trials_table,
+)
 from orchestrator.selection.groups import TrialResult, summarize
 
 EXITS = CategoricalDistribution(["[1, 2, 3, 4]", "[2, 4]"])  # as the space encodes list choices
@@ -45,3 +50,13 @@ def test_a_group_of_one_trial_shows_its_value_without_a_spread():
     _, dsn, mate = comparison_rows(summarize(results, ["test/acc"]), ["test/acc"], {}, None)
     assert dsn == ["dsn", "2", "0.6000 ± 0.1414"]
     assert mate == ["mate", "1", "0.8125"]
+
+
+def test_a_narrow_sweeps_listing_shows_each_name_whole():
+    name = "mate_cifar10_anytime-20261207-162257"
+    best = "best val/mean_exit_acc 0.9686 (trial 0)"
+    row = [name, "2026-12-07 16:22", "8/8", "complete 1\npruned 7", best]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(sweeps_table("sweeps in sweeps", [row]))
+    text = console.export_text()
+    assert any(name in line for line in text.splitlines()), text

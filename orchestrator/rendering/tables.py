@@ -128,10 +128,14 @@ def trials_table(
 
 
 def sweeps_table(title: str, rows: Iterable[Sequence[str]]) -> Table:
-    """One row per sweep, its cells in the order of :data:`SWEEPS_COLUMNS`."""
+    """One row per sweep, its cells in the order of :data:`SWEEPS_COLUMNS`; the name, which
+    the other commands take, is never wrapped or cut short."""
+    rows = list(rows)
     table = Table(title=title)
-    for column in SWEEPS_COLUMNS:
-        table.add_column(column)
+    name_width = max((len(row[0]) for row in rows), default=4)
+    table.add_column(SWEEPS_COLUMNS[0], no_wrap=True, min_width=name_width)
+    for column in SWEEPS_COLUMNS[1:]:
+        table.add_column(column, overflow="fold")  # a long metric name folds, not cut short
     for row in rows:
         table.add_row(*row)
     return table
@@ -189,7 +193,8 @@ def comparison_table(rows: Sequence[Sequence[str]], title: str) -> Table:
     header, *body = rows
     table = Table(title=title)
     for index, column in enumerate(header):
-        table.add_column(column, justify="left" if index == 0 else "right")
+        justify = "left" if index == 0 else "right"
+        table.add_column(column, justify=justify, overflow="fold")  # folded, never cut short
     for row in body:
         table.add_row(*row)
     return table

@@ -70,7 +70,7 @@ def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> lis
         rows.append(
             [
                 record.name,
-                record.created,
+                record.created.replace("T", " ")[:16],  # to the minute
                 f"{len(study.trials)}/{record.num_samples}",
                 counts_text(state_counts(study)),
                 best_summary(study),
