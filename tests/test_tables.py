@@ -41,6 +41,29 @@ def test_a_narrow_table_keeps_each_parameter_on_one_line():
     assert any("temperature=6.447" in line for line in lines)
 
 
+def test_two_objectives_at_80_columns_lose_nothing_of_their_headers_or_parameters():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    params = {"loss.primary_weight": 0.3153, "model.exits": "[1, 2, 3, 4]", "optim.lr": 0.06801}
+    distributions = {
+        "loss.primary_weight": FloatDistribution(0.0, 1.0),
+        "model.exits": EXITS,
+        "optim.lr": FloatDistribution(0.01, 0.3),
+    }
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=params, distributions=distributions, values=[0.9861, 0.00156]
+        )
+    )
+    console = Console(width=80, record=True, color_system=None)
+    console.print(trials_table(study, ["val/anytime_acc", "val/anytime_gflops"]))
+    text = console.export_text()
+    assert "…" not in text, text
+    assert "anytime_acc" in text and "anytime_gflops" in text
+    assert "exits=[1,2,3,4]" in text and "lr=0.06801" in text, text
+    # the longest parameter may fold at this width, but nothing of it is lost
+    assert "primary_weight=0.3153" in text or ("primary_weight=0." in text and "3153" in text)
+
+
 def test_a_group_of_one_trial_shows_its_value_without_a_spread():
     results = [
         TrialResult(0, "dsn", 0, {"test/acc": 0.5}),

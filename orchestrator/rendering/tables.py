@@ -108,8 +108,11 @@ def trials_table(
     trials = sorted(study.get_trials(deepcopy=False), key=sort_key, reverse=True)
     shown = trials[:limit] if limit else trials
     table = Table(title=title or None)
-    for column in ("trial", "state", "epochs", *metrics, "params"):
-        table.add_column(column, justify="left" if column == "params" else "right")
+    for column in ("trial", "state", "epochs"):
+        table.add_column(column, justify="right")
+    for name in metrics:  # `val/` on a line of its own leaves the parameters room
+        table.add_column(name.replace("/", "/\n", 1), justify="right", overflow="fold")
+    table.add_column("params", overflow="fold")  # a table too narrow folds, never cuts short
     if pareto:
         table.caption = (
             "* Pareto set: no other finished trial is as good on every objective and better on one"
