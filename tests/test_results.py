@@ -244,6 +244,12 @@ def test_promote_picks_the_most_accurate_trial_under_a_gflops_budget(results_swe
         [record.experiment_id], f"tags.promoted_from_trial = '{expected.number}'"
     )
     assert len(final) == 1 and final[0].info.status == "FINISHED"
+    # Unregistered, it names the logged model and how to load and serve it.
+    uri = re.search(r"logged model (models:/\S+)", result.output).group(1)
+    assert f'mlflow.pyfunc.load_model("{uri}")' in result.output
+    assert f"mlflow models serve -m {uri} " in result.output
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.source_run_id == final[0].info.run_id
 
 
 def test_promote_rejects_a_bad_pick_before_training(results_sweep):

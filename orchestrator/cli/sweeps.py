@@ -241,13 +241,14 @@ def promote(
     console.print(exit_table(result.metrics, cfg.num_exits, title=f"{name}: final job (test)"))
     console.print(f"MLflow run {result.run_id}")
     if result.model_name:
-        uri = f"models:/{result.model_name}@{promotion.CHAMPION_ALIAS}"
         console.print(
             f"registered {result.model_name} version {result.model_version} as "
-            f"@{promotion.CHAMPION_ALIAS}: {uri}"
+            f"@{promotion.CHAMPION_ALIAS}: {result.model_uri}"
         )
-        for line in result.usage:
-            console.print(line, markup=False, soft_wrap=True)  # "[N, C, H, W]" is no markup
+    else:
+        console.print(f"logged model {result.model_uri} (--register NAME also registers it)")
+    for line in result.usage:
+        console.print(line, markup=False, soft_wrap=True)  # "[N, C, H, W]" is no markup
 
 
 @click.command(cls=Command)

@@ -47,9 +47,10 @@ class Promotion:
 
     run_id: str
     metrics: dict[str, float]
+    model_uri: str  # models:/NAME@champion when registered, else the logged model's own
     model_name: str | None
     model_version: str | None
-    usage: tuple[str, ...] = ()  # how to load and serve the registered champion
+    usage: tuple[str, ...] = ()  # how to load and serve it
 
 
 def final_job_config(
@@ -108,26 +109,25 @@ def promote(
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(job, directory)
         client.log_artifacts(run_id, directory, artifact_path="checkpoint")
-    version = _log_model(record, run_id, job, register)
+    model_uri, version = _log_model(record, run_id, job, register)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    usage = ()
-    if register is not None:
-        usage = tuple(
-            usage_lines(f"models:/{register}@{CHAMPION_ALIAS}", mask(record.tracking_uri))
-        )
-    return Promotion(run_id, final, register, version, usage)
+    usage = tuple(usage_lines(model_uri, mask(record.tracking_uri)))
+    return Promotion(run_id, final, model_uri, register, version, usage)
 
 
-def _log_model(record: SweepRecord, run_id: str, job: Job, register: str | None) -> str | None:
+def _log_model(
+    record: SweepRecord, run_id: str, job: Job, register: str | None
+) -> tuple[str, str | None]:
     """Log the trained network as a servable early-exit model (docs/serving.md: a pyfunc
-    flavor beside the raw pytorch one); register it and set the alias."""
+    flavor beside the raw pytorch one); register it and set the alias. Returns the URI to
+    load it by and the registered version."""
     mlflow.set_tracking_uri(record.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = log_servable_model(
             job.model, job.cfg, job.data, name="model", registered_model_name=register
         )
     if register is None:
-        return None
+        return info.model_uri, None
     version = str(info.registered_model_version)
     MlflowClient(record.tracking_uri).set_registered_model_alias(register, CHAMPION_ALIAS, version)
-    return version
+    return f"models:/{register}@{CHAMPION_ALIAS}", version
