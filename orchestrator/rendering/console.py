@@ -22,7 +22,7 @@ def epoch_progress(
     progress = Progress(
         TextColumn("[bold]epoch"),
         MofNCompleteColumn(),
-        BarColumn(),
+        BarColumn(bar_width=10),  # leaves room for four exits' accuracies at 80 columns
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
         console=console,
@@ -44,10 +44,10 @@ def _split(metrics: Mapping[str, float]) -> str:
 
 
 def epoch_summary(metrics: Mapping[str, float], num_exits: int) -> str:
-    """One line: loss and per-exit validation accuracy."""
+    """One line: loss and each exit's validation accuracy, shallowest first."""
     split = _split(metrics)
     accs = " ".join(f"{metrics[M.exit_acc(k, split)]:.3f}" for k in range(1, num_exits + 1))
-    return f"loss {metrics[M.TRAIN_LOSS]:.4f}  {split} acc per exit [{accs}]"
+    return f"loss {metrics[M.TRAIN_LOSS]:.4f}  {split} acc [{accs}]"
 
 
 def exit_table(metrics: Mapping[str, float], num_exits: int, title: str) -> Table:
