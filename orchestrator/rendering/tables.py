@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import optuna
@@ -110,8 +111,8 @@ def trials_table(
     table = Table(title=title or None)
     for column in ("trial", "state", "epochs"):
         table.add_column(column, justify="right")
-    for name in metrics:  # `val/` on a line of its own leaves the parameters room
-        table.add_column(name.replace("/", "/\n", 1), justify="right", overflow="fold")
+    for name in metrics:
+        table.add_column(_objective_header(name), justify="right", overflow="fold")
     table.add_column("params", overflow="fold")  # a table too narrow folds, never cuts short
     if pareto:
         table.caption = (
@@ -128,6 +129,18 @@ def trials_table(
             params_text(t.params),
         )
     return table
+
+
+def _objective_header(metric: str, width: int = 11) -> str:
+    """``val/anytime_gflops`` -> ``val/``, ``anytime_``, ``gflops`` on lines of at most `width`
+    characters (broken after ``/`` and ``_``), so that the objectives' columns are as narrow
+    as their values and the parameters keep the room."""
+    lines = [""]
+    for part in re.split(r"(?<=[/_])", metric):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def sweeps_table(title: str, rows: Iterable[Sequence[str]]) -> Table:
