@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import struct
 import subprocess
 from html.parser import HTMLParser
@@ -297,3 +298,26 @@ def test_dashboard_serves_the_study_on_loopback_only(results_sweep):
         f"optuna-dashboard for sweep {NAME} at http://127.0.0.1:{port}/dashboard/studies/"
         f"{study['study_id']} (Ctrl-C stops it)"
     )
+
+
+def test_ui_and_dashboard_refuse_a_port_that_is_taken_before_starting(results_sweep):
+    """One line and status 2 from both servers, in their own processes (`ui` execs MLflow's
+    server, which would print its address, fail to bind and exit 0)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        commands = {
+            "ui": ["ui", "--port", str(port), "--tracking-uri", results_sweep.record.tracking_uri],
+            "dashboard": ["dashboard", NAME, "--port", str(port), *_storage(results_sweep)],
+        }
+        for command in commands.values():
+            result = subprocess.run(
+                [str(ORCHESTRATE), *command], capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 2, result.stdout + result.stderr
+            assert result.stdout == ""
+            assert result.stderr == (
+                f"Error: --port is {port}, but 127.0.0.1:{port} cannot be listened on "
+                "(Address already in use); choose another with --port\n"
+            )

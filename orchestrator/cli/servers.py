@@ -39,7 +39,7 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
     # Here, not at the top: `orchestrate --help` must not load MLflow.
     from orchestrator.workflows.mlflow_ui import exec_mlflow_ui, ui_store  # noqa: PLC0415
 
-    uri = ui_store(tracking_uri)
+    uri = ui_store(tracking_uri, host, port)
     click.echo(
         f"MLflow UI for {mask(uri)} at http://{host}:{port}/#/experiments?workflowType="
         "machine_learning (the model-training view: runs and charts)"
@@ -49,7 +49,9 @@ def ui(host: str, port: int, tracking_uri: str | None) -> None:
 
 @click.command(cls=Command)
 @click.argument("name", metavar="NAME")
-@click.option("--port", type=int, default=8080, show_default=True, metavar="PORT")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8080, show_default=True, metavar="PORT"
+)
 @storage_option
 @stored_urls_options
 @fail_on_input_errors
@@ -58,9 +60,9 @@ def dashboard(
 ) -> None:
     """optuna-dashboard on the sweep's study, on 127.0.0.1."""
     # Here, not at the top: `orchestrate --help` must not load optuna-dashboard.
-    from orchestrator.workflows.dashboard import serve, study_url  # noqa: PLC0415
+    from orchestrator.workflows.dashboard import serve, study_page  # noqa: PLC0415
     from orchestrator.workflows.status import open_sweep  # noqa: PLC0415
 
     record = open_sweep(name, storage, [tracking_uri, study_storage])
-    say(f"optuna-dashboard for sweep {name} at {study_url(record, port)} (Ctrl-C stops it)")
+    say(f"optuna-dashboard for sweep {name} at {study_page(record, port)} (Ctrl-C stops it)")
     serve(record, port)

@@ -1,5 +1,6 @@
 """Checks of a sweep's names, paths and stores, made before Ray starts or anything is recorded
-(the Ray cluster's address is checked by :func:`orchestrator.tuning.cluster.check_ray_address`).
+(the Ray cluster's address is checked by :func:`orchestrator.tuning.cluster.check_ray_address`),
+and of the port a web UI is to listen on.
 
 Every check returns or raises :class:`ConfigError` with one line naming the option, its
 (masked) value and the problem. Network checks are bounded by :data:`CONNECT_TIMEOUT_S`, so
@@ -27,6 +28,7 @@ from trainer.config import ConfigError
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "check_new_sweep",
+    "check_port_free",
     "check_storage_dir",
     "check_stores",
     "check_study_storage",
@@ -252,3 +254,21 @@ def check_new_sweep(tracking_uri: str, study_storage: str, name: str) -> None:
             f"the study storage {mask(study_storage)} already has a study named {name!r}; "
             "choose another --name"
         )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """`host`:`port` can be listened on now, as a web server binds it (SO_REUSEADDR): else
+    one line, instead of a server that prints its address and then fails to bind."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise ConfigError(f"--host is {host!r}: {err.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(
+                f"--port is {port}, but {host}:{port} cannot be listened on "
+                f"({error_reason(err)}); choose another with --port"
+            ) from None
