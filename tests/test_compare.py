@@ -117,6 +117,15 @@ def test_second_compare_reads_the_cache_and_loads_no_torch(grid_sweep):
     assert sorted(g["group"] for g in by_seed["groups"]) == ["0", "1"]
 
 
+def test_a_list_valued_key_names_its_groups_in_compact_json(grid_sweep):
+    workdir, record = grid_sweep
+    result = _compare(workdir, "--by", "model.exits", "--against", "[1, 2, 3, 4]")
+    assert result.exit_code == 0, result.output
+    table = json.loads((record.directory / "compare-model.exits.json").read_text())
+    assert [g["group"] for g in table["groups"]] == ["[1,2,3,4]"]
+    assert table["against"] == "[1,2,3,4]" and table["verdicts"] == {}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -70,11 +70,24 @@ def compared_metrics(num_exits: int) -> list[str]:
     ]
 
 
+def _label(value: Any) -> str:
+    """A group's name: a string as it is, any other value as compact JSON (``[2,4]``)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
 def _group_value(cfg: JobConfig, key: str) -> str:
     node: Any = cfg.to_dict()
     for part in key.split("."):
         node = node[part]
-    return node if isinstance(node, str) else json.dumps(node)
+    return _label(node)
+
+
+def _as_group(against: str) -> str:
+    """`--against` as a group's name: ``'[2, 4]'`` names the group ``[2,4]``."""
+    try:
+        return _label(json.loads(against))
+    except json.JSONDecodeError:
+        return against
 
 
 def _final_checkpoint(record: SweepRecord, trial: optuna.trial.FrozenTrial) -> Path:
@@ -161,6 +174,7 @@ def compare(
     if not finished:
         raise ConfigError(f"sweep {record.name!r} has no finished trial to compare")
     names = list(dict.fromkeys(group for _, _, group in finished))
+    against = None if against is None else _as_group(against)
     if against is not None and against not in names:  # checked before any evaluation
         raise ConfigError(f"--against is {against!r}, but the groups are {', '.join(names)}")
     results = [
