@@ -82,12 +82,13 @@ def _creatable_dir_problem(path: Path) -> str | None:
     return None
 
 
-def check_storage_dir(path: str | Path) -> Path:
-    """The absolute sweep storage directory, which must be (or become) a writable directory."""
-    storage = Path(path).expanduser().resolve()
-    if problem := _creatable_dir_problem(storage):
-        raise ConfigError(f"--storage is {str(path)!r}, but {problem}")
-    return storage
+def check_storage_dir(path: str | Path, option: str = "--storage") -> Path:
+    """The absolute directory `path` (the sweep storage, or a command's `--output`), which
+    must be (or become) a writable directory."""
+    directory = Path(path).expanduser().resolve()
+    if problem := _creatable_dir_problem(directory):
+        raise ConfigError(f"{option} is {str(path)!r}, but {problem}")
+    return directory
 
 
 def _scheme(url: str) -> str:

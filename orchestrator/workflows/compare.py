@@ -26,6 +26,7 @@ from orchestrator.rendering import plots
 from orchestrator.rendering.tables import comparison_markdown, comparison_rows
 from orchestrator.selection.groups import GroupSummary, TrialResult, Verdict, judge, summarize
 from orchestrator.selection.trials import complete_trials
+from orchestrator.stores.preflight import check_storage_dir
 from orchestrator.stores.study import load_study
 from trainer import metrics as M
 from trainer.config import ConfigError, JobConfig
@@ -170,6 +171,7 @@ def compare(
     (not read from the cache)."""
     spec = record.spec()
     _check_key(spec, by)
+    directory = check_storage_dir(output_dir, "--output") if output_dir else record.directory
     finished = _finished_trials(record, spec, by)
     if not finished:
         raise ConfigError(f"sweep {record.name!r} has no finished trial to compare")
@@ -187,7 +189,7 @@ def compare(
     groups = summarize(results, [*compared_metrics(num_exits), *_gflops(num_exits)])
     verdicts = _verdicts(groups, against, compared_metrics(num_exits))
     comparison = Comparison(by, against, num_exits, groups, verdicts, [])
-    return _write(comparison, Path(output_dir or record.directory))
+    return _write(comparison, directory)
 
 
 def _gflops(num_exits: int) -> list[str]:
