@@ -302,7 +302,7 @@ def test_dashboard_serves_the_study_on_loopback_only(results_sweep):
     )
 
 
-def test_ui_and_dashboard_refuse_a_port_that_is_taken_before_starting(results_sweep):
+def test_ui_and_dashboard_refuse_a_taken_port_or_unknown_host_before_starting(results_sweep):
     """One line and status 2 from both servers, in their own processes (`ui` execs MLflow's
     server, which would print its address, fail to bind and exit 0)."""
     with socket.socket() as taken:
@@ -323,3 +323,16 @@ def test_ui_and_dashboard_refuse_a_port_that_is_taken_before_starting(results_sw
                 f"Error: --port is {port}, but 127.0.0.1:{port} cannot be listened on "
                 "(Address already in use); choose another with --port\n"
             )
+    unknown = [
+        "ui",
+        "--host",
+        "no-such-host.invalid",
+        "--tracking-uri",
+        results_sweep.record.tracking_uri,
+    ]
+    result = subprocess.run(
+        [str(ORCHESTRATE), *unknown], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: --host is 'no-such-host.invalid': ")
+    assert result.stderr.count("\n") == 1

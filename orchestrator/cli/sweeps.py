@@ -231,7 +231,7 @@ def promote(
     record = open_sweep(name, storage, [tracking_uri, study_storage])
     search = record.spec().search
     rule = parse_pick(pick, search)
-    cfg, number = promotion.final_job_config(record, epochs, rule)
+    cfg, number = promotion.final_job_config(record, epochs, rule, register)
     say(
         f"promoting trial {number} of {name} ({rule.describe(search)}): "
         f"{cfg.train.epochs} epochs on train+val"

@@ -62,10 +62,12 @@ def error_reason(err: BaseException) -> str:
     return text.splitlines()[0].rstrip(".")
 
 
-def check_sweep_name(name: str) -> None:
+def check_sweep_name(name: str, option: str = "--name") -> None:
+    """A sweep's name, or a registered model's (`--register`): MLflow would take more, but a
+    space or a quote would break the `models:/NAME@champion` commands printed for it."""
     if not _NAME.match(name):
         raise ConfigError(
-            f"--name is {name!r}, but must be 1-100 letters, digits, '.', '_' or '-', "
+            f"{option} is {name!r}, but must be 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
 

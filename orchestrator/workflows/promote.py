@@ -28,6 +28,7 @@ from orchestrator.entities.names import (
 from orchestrator.entities.space import decode_params
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.selection.pick import PickRule, parse_pick, pick_trial
+from orchestrator.stores.preflight import check_sweep_name
 from orchestrator.stores.study import load_study
 from orchestrator.stores.tracking.runs import find_trial_run, flatten, now_ms
 from trainer import metrics as M
@@ -54,14 +55,20 @@ class Promotion:
 
 
 def final_job_config(
-    record: SweepRecord, epochs: int | None, rule: PickRule | None = None
+    record: SweepRecord,
+    epochs: int | None,
+    rule: PickRule | None = None,
+    register: str | None = None,
 ) -> tuple[JobConfig, int]:
     """The job of the trial `rule` chooses (see :mod:`orchestrator.selection.pick`; the best
-    trial by default) on train+val with the full schedule, and the trial's number."""
+    trial by default) on train+val with the full schedule, and the trial's number; `register`,
+    the name the model will be registered under, is checked here, before anything trains."""
     spec = record.spec()
     rule = rule or parse_pick("best", spec.search)
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs is {epochs}, but must be >= 1")
+    if register is not None:
+        check_sweep_name(register, "--register")
     chosen = pick_trial(load_study(record), spec.search, rule)
     job = spec.job_for(decode_params(spec, chosen.params))
     final = {"dataset.val_fraction": 0.0, "train.epochs": epochs or spec.base.train.epochs}
