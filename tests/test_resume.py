@@ -1,14 +1,15 @@
-"""An interrupted sweep (Ctrl-C, or SIGKILL of a real `orchestrate launch` whose study and
-runs live in PostgreSQL) resumes to exactly num_samples trials, with no MLflow run
-duplicated or left RUNNING, no epoch recorded twice, and no Optuna trial left RUNNING. A
-sweep whose stores have passwords keeps them out of every output, file and MLflow run, and
-`resume` takes them from the environment."""
+"""A running sweep refuses a second driver. An interrupted sweep (Ctrl-C, or SIGKILL of a
+real `orchestrate launch` whose study and runs live in PostgreSQL) resumes to exactly
+num_samples trials, with no MLflow run duplicated or left RUNNING, no epoch recorded twice,
+and no Optuna trial left RUNNING. A sweep whose stores have passwords keeps them out of
+every output, file and MLflow run, and `resume` takes them from the environment."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,14 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
     while _finished_trials(tmp_path, "cut") < 2 and time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.5)
+    # While it runs, a second driver is refused before it touches anything.
+    storage = ["--storage", str(tmp_path / "sweeps")]
+    second = CliRunner().invoke(main, ["resume", "cut", *storage])
+    assert second.exit_code == 2, second.output
+    assert second.output == (
+        f"Error: sweep 'cut' is running (pid {process.pid} on {socket.gethostname()}): wait for "
+        "it to end, or stop it and `orchestrate resume cut`\n"
+    )
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == EXIT_INTERRUPTED, output
@@ -87,7 +96,7 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
     record = SweepRecord.load("cut", tmp_path / "sweeps")
     assert _finished_trials(tmp_path, "cut") < NUM_SAMPLES
 
-    result = CliRunner().invoke(main, ["resume", "cut", "--storage", str(tmp_path / "sweeps")])
+    result = CliRunner().invoke(main, ["resume", "cut", *storage])
     assert result.exit_code == 0, result.output
 
     _assert_finished_with_one_run_per_trial(record, NUM_SAMPLES)

@@ -129,10 +129,13 @@ def resume(
 
     record = SweepRecord.load(name, storage, [tracking_uri, study_storage])
     with library_output_to(record.directory / LOG_FILE, verbose=verbose) as release_log:
-        release_log()
-        say(f"resuming sweep {name} from {record.directory}")
-        _say_log_path(record.directory / LOG_FILE, verbose)
-        if resuming.resume(record) is None:
+
+        def start() -> None:  # the sweep is checked, and this process holds it
+            release_log()
+            say(f"resuming sweep {name} from {record.directory}")
+            _say_log_path(record.directory / LOG_FILE, verbose)
+
+        if resuming.resume(record, on_start=start) is None:
             say(f"sweep {name} had finished; its MLflow record is complete")
         _finish(record)
 

@@ -7,6 +7,7 @@ __all__ = [
     "APPLIED_FILE",
     "BEST_RUN_TAG",
     "COMPARE_DIR",
+    "DRIVER_LOCK_FILE",
     "EPOCHS_ATTR",
     "ERROR",
     "EXPERIMENT_KIND_TAG",
@@ -38,6 +39,7 @@ REPORT_FILE = "report.html"  # the sweep report, also logged to the parent run
 LOG_FILE = "sweep.log"  # Ray's, MLflow's and Optuna's own output
 METRICS_FILE = "metrics.json"  # beside checkpoint.pt in the output of `orchestrate train`
 JOURNAL_FILE = "tracking-journal.jsonl"  # MLflow writes not yet known to be applied
+DRIVER_LOCK_FILE = "driver.lock"  # held by the one process running the sweep
 APPLIED_FILE = "tracking-journal.applied"  # how many journal lines are in MLflow
 COMPARE_DIR = "compare"  # `compare`'s cached test evaluations, one file per trial
 

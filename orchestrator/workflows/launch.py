@@ -29,6 +29,7 @@ from orchestrator.entities.names import RECORD_FILE, STUDY_FILE, SWEEP_TAG
 from orchestrator.entities.space import SpaceSpec, grid_size, sweep_params
 from orchestrator.entities.sweep import DEFAULT_STORAGE, SweepRecord
 from orchestrator.stores import preflight
+from orchestrator.stores.driver_lock import driving
 from orchestrator.stores.study import open_study
 from orchestrator.stores.tracking.runs import ensure_experiment, resolve_tracking_uri
 from orchestrator.tuning.cluster import check_ray_address, init_ray, join_ray
@@ -116,8 +117,18 @@ def launch(
     trainable: Callable[[dict[str, Any]], None] = train_job,
 ) -> tune.ResultGrid:
     """Create the study and the parent run, record the sweep, run it to the end (each trial
-    running `trainable`, see :func:`~orchestrator.tuning.tuner.sweep_tuner`)."""
-    record.directory.mkdir(parents=True, exist_ok=True)
+    running `trainable`, see :func:`~orchestrator.tuning.tuner.sweep_tuner`), holding the
+    sweep's driver lock throughout (:mod:`orchestrator.stores.driver_lock`)."""
+    with driving(record):
+        return _record_and_run(spec, record, callbacks, trainable)
+
+
+def _record_and_run(
+    spec: SpaceSpec,
+    record: SweepRecord,
+    callbacks: Sequence[tune.Callback],
+    trainable: Callable[[dict[str, Any]], None],
+) -> tune.ResultGrid:
     if record.tracking_uri.startswith("sqlite:///"):
         preflight.sqlite_file(record.tracking_uri).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.source, record.space_file)

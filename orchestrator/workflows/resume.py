@@ -4,6 +4,7 @@ record of a sweep whose trials have all finished."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -12,6 +13,7 @@ from orchestrator.entities.names import JOURNAL_FILE, REPORT_FILE, TRIAL_NUMBER
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.report.build import log_report_or_warn
 from orchestrator.selection.trials import is_finished
+from orchestrator.stores.driver_lock import driving
 from orchestrator.stores.preflight import check_stores
 from orchestrator.stores.study import load_study
 from orchestrator.stores.tracking.summary import (
@@ -68,17 +70,23 @@ def complete_mlflow_record(record: SweepRecord) -> None:
         log_report_or_warn(record)
 
 
-def resume(record: SweepRecord) -> tune.ResultGrid | None:
+def resume(
+    record: SweepRecord, on_start: Callable[[], None] = lambda: None
+) -> tune.ResultGrid | None:
     """Continue an interrupted sweep where Tune's experiment state left it (the callbacks
     given at launch come back with it). A finished sweep only gets its MLflow record
-    completed (:func:`complete_mlflow_record`; returns None)."""
+    completed (:func:`complete_mlflow_record`; returns None). Refused while another process
+    runs the sweep (:mod:`orchestrator.stores.driver_lock`). `on_start` is called once the
+    sweep is checked and locked, before anything runs."""
     check_resumable(record)
-    if is_finished(load_study(record), record.num_samples):
-        complete_mlflow_record(record)
-        return None
-    spec = record.spec()
-    if record.address:
-        join_ray(check_ray_address(record.address))
-    else:
-        init_ray(num_gpus=record.gpus)
-    return fit(restore_tuner(spec, record))
+    with driving(record):  # before anything is written: another driver may be running it
+        on_start()
+        if is_finished(load_study(record), record.num_samples):
+            complete_mlflow_record(record)
+            return None
+        spec = record.spec()
+        if record.address:
+            join_ray(check_ray_address(record.address))
+        else:
+            init_ray(num_gpus=record.gpus)
+        return fit(restore_tuner(spec, record))

@@ -1,0 +1,45 @@
+"""One driver per sweep: the process running a sweep (``launch``, ``resume``) holds an
+exclusive lock on ``<sweep>/driver.lock`` while it runs.
+
+Two drivers on one sweep would both restore Tune's state, run the same trials and delete
+each other's checkpoints, and write the same MLflow runs. The lock is the operating
+system's (``flock``), so it goes with the process however that ends, SIGKILL included: a
+sweep whose driver was killed resumes at once. Spawned helper processes (the sampler, the
+MLflow writer) and Ray's do not inherit it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+
+from orchestrator.entities.names import DRIVER_LOCK_FILE
+from orchestrator.entities.sweep import SweepRecord
+from trainer.config import ConfigError
+
+__all__ = ["driving"]
+
+
+@contextlib.contextmanager
+def driving(record: SweepRecord) -> Iterator[None]:
+    """Hold the sweep's driver lock for the block; ConfigError (one line) when another
+    process holds it, naming that process."""
+    record.directory.mkdir(parents=True, exist_ok=True)
+    with (record.directory / DRIVER_LOCK_FILE).open("a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(
+                f"sweep {record.name!r} is running ({holder}): wait for it to end, or stop "
+                f"it and `orchestrate resume {record.name}`"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
