@@ -5,12 +5,14 @@ Two drivers on one sweep would both restore Tune's state, run the same trials an
 each other's checkpoints, and write the same MLflow runs. The lock is the operating
 system's (``flock``), so it goes with the process however that ends, SIGKILL included: a
 sweep whose driver was killed resumes at once. Spawned helper processes (the sampler, the
-MLflow writer) and Ray's do not inherit it.
+MLflow writer) and Ray's do not inherit it. Shared storage on NFS locks across nodes; on a
+file system without locks (some FUSE mounts) the sweep runs without the guard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -21,6 +23,8 @@ from orchestrator.entities.sweep import SweepRecord
 from trainer.config import ConfigError
 
 __all__ = ["driving"]
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the file system has no flock
 
 
 @contextlib.contextmanager
@@ -38,6 +42,11 @@ def driving(record: SweepRecord) -> Iterator[None]:
                 f"sweep {record.name!r} is running ({holder}): wait for it to end, or stop "
                 f"it and `orchestrate resume {record.name}`"
             ) from None
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+            yield  # storage without locks: run unguarded, as before there was a lock
+            return
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
