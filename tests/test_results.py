@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import socket
 import struct
 import subprocess
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from orchestrator.cli import main
+from orchestrator.cli import EXIT_INTERRUPTED, main
 from orchestrator.report.panels import build_panels
 from orchestrator.selection.trials import pareto_trials
 from orchestrator.stores.study import load_study
@@ -253,6 +255,41 @@ def test_promote_picks_the_most_accurate_trial_under_a_gflops_budget(results_swe
     assert f"mlflow models serve -m {uri} " in result.output
     logged = client.get_logged_model(uri.removeprefix("models:/"))
     assert logged.source_run_id == final[0].info.run_id
+
+
+def test_promote_interrupted_ends_130_with_its_run_killed_and_nothing_registered(results_sweep):
+    record = results_sweep.record
+    client = MlflowClient(record.tracking_uri)
+    before = {r.info.run_id for r in client.search_runs([record.experiment_id])}
+    args = [
+        "promote",
+        NAME,
+        "--epochs",
+        "500",
+        "--register",
+        "interrupted",
+        *_storage(results_sweep),
+    ]
+    process = subprocess.Popen(
+        [str(ORCHESTRATE), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while True:  # until the final job has logged an epoch
+        new = [r for r in client.search_runs([record.experiment_id]) if r.info.run_id not in before]
+        if new and new[0].data.metrics:
+            break
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the final job logged no epoch"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED, output
+    assert output.rstrip().endswith(
+        "interrupted: the final job's MLflow run is KILLED and nothing was registered"
+    )
+    assert "Traceback" not in output
+    assert client.get_run(new[0].info.run_id).info.status == "KILLED"
+    assert client.search_registered_models("name = 'interrupted'") == []
 
 
 def test_promote_rejects_a_bad_pick_before_training(results_sweep):

@@ -7,6 +7,6 @@ argument). Store URLs are printed with their passwords masked.
 """
 
 from orchestrator.cli.main import main
-from orchestrator.cli.sweeps import EXIT_INTERRUPTED
+from orchestrator.cli.options import EXIT_INTERRUPTED
 
 __all__ = ["EXIT_INTERRUPTED", "main"]

@@ -16,6 +16,7 @@ from trainer.config import ConfigError
 from trainer.data.errors import DataError
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "Command",
     "Group",
     "InputError",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class InputError(click.ClickException):

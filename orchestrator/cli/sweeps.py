@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from orchestrator.cli.options import (
+    EXIT_INTERRUPTED,
     Command,
     fail_on_input_errors,
     say,
@@ -28,9 +29,7 @@ from orchestrator.entities.names import LOG_FILE, REPORT_FILE
 from orchestrator.entities.sweep import SweepRecord, sweep_name_for
 from orchestrator.rendering.console import console
 
-__all__ = ["EXIT_INTERRUPTED", "compare", "launch", "promote", "report", "resume", "status"]
-
-EXIT_INTERRUPTED = 130
+__all__ = ["compare", "launch", "promote", "report", "resume", "status"]
 
 
 @click.command(cls=Command)
@@ -239,8 +238,12 @@ def promote(
         f"promoting trial {number} of {name} ({rule.describe(search)}): "
         f"{cfg.train.epochs} epochs on train+val"
     )
-    with epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show:
-        result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
+    try:
+        with epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show:
+            result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
+    except KeyboardInterrupt:
+        say("interrupted: the final job's MLflow run is KILLED and nothing was registered")
+        sys.exit(EXIT_INTERRUPTED)
     console.print(exit_table(result.metrics, cfg.num_exits, title=f"{name}: final job (test)"))
     console.print(f"MLflow run {result.run_id}")
     if result.model_name:

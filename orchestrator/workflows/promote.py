@@ -107,6 +107,9 @@ def promote(
 
     try:
         final = fit(job, on_epoch=log_epoch) | model_metrics(job)
+    except KeyboardInterrupt:  # the user stopped it: KILLED, as MLflow calls a stopped run
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
