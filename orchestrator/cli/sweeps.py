@@ -242,7 +242,7 @@ def promote(
         with epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show:
             result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
     except KeyboardInterrupt:
-        say("interrupted: the final job's MLflow run is KILLED and nothing was registered")
+        say("interrupted: the final job's MLflow run is KILLED")
         sys.exit(EXIT_INTERRUPTED)
     console.print(exit_table(result.metrics, cfg.num_exits, title=f"{name}: final job (test)"))
     console.print(f"MLflow run {result.run_id}")

@@ -9,8 +9,9 @@ trial's run by tags.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlflow
@@ -105,24 +106,32 @@ def promote(
         if on_epoch is not None:
             on_epoch(metrics)
 
-    try:
+    with _ended(client, run_id):
         final = fit(job, on_epoch=log_epoch) | model_metrics(job)
-    except KeyboardInterrupt:  # the user stopped it: KILLED, as MLflow calls a stopped run
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in model_metrics(job).items()]
+        )
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(job, directory)
+            client.log_artifacts(run_id, directory, artifact_path="checkpoint")
+        model_uri, version = _log_model(record, run_id, job, register)
+    usage = tuple(usage_lines(model_uri, mask(record.tracking_uri)))
+    return Promotion(run_id, final, model_uri, register, version, usage)
+
+
+@contextlib.contextmanager
+def _ended(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """End the run FINISHED after the block, KILLED if the user stopped it (MLflow's status
+    for a stopped run), FAILED if it raised."""
+    try:
+        yield
+    except KeyboardInterrupt:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
-    client.log_batch(
-        run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in model_metrics(job).items()]
-    )
-    with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(job, directory)
-        client.log_artifacts(run_id, directory, artifact_path="checkpoint")
-    model_uri, version = _log_model(record, run_id, job, register)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    usage = tuple(usage_lines(model_uri, mask(record.tracking_uri)))
-    return Promotion(run_id, final, model_uri, register, version, usage)
 
 
 def _log_model(
