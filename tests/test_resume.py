@@ -73,7 +73,9 @@ def _launch(workdir: Path, space: Path, args: list[str], env: dict | None = None
     )
 
 
-def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
+@pytest.mark.parametrize("presses", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
+def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
+    """Ctrl-C, or Ctrl-C again while Tune winds down (its last save skipped)."""
     space = short_digits_space(tmp_path, max_epochs=4, num_samples=NUM_SAMPLES)
     process = _launch(tmp_path, space, sweep_args(tmp_path, "cut"))
     deadline = time.monotonic() + 180
@@ -88,10 +90,13 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path):
         f"Error: sweep 'cut' is running (pid {process.pid} on {socket.gethostname()}): wait for "
         "it to end, or stop it and `orchestrate resume cut`\n"
     )
-    process.send_signal(signal.SIGINT)
+    for _ in range(presses):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == EXIT_INTERRUPTED, output
-    assert "orchestrate resume cut" in output
+    assert output.rstrip().endswith("interrupted: continue with  orchestrate resume cut"), output
+    assert "Aborted!" not in output and "Traceback" not in output
 
     record = SweepRecord.load("cut", tmp_path / "sweeps")
     assert _finished_trials(tmp_path, "cut") < NUM_SAMPLES

@@ -7,8 +7,11 @@ Each command imports its use case inside the function (``# noqa: PLC0415``): `or
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -109,7 +112,8 @@ def launch(
         progress = SweepProgress(
             record.num_samples, spec.max_epochs, record.study_storage, record.name
         )
-        launching.launch(spec, record, [progress])
+        with _interruptible(record.name):
+            launching.launch(spec, record, [progress])
         _finish(record)
 
 
@@ -134,9 +138,26 @@ def resume(
             say(f"resuming sweep {name} from {record.directory}")
             _say_log_path(record.directory / LOG_FILE, verbose)
 
-        if resuming.resume(record, on_start=start) is None:
+        with _interruptible(name):
+            finished_before = resuming.resume(record, on_start=start) is None
+        if finished_before:
             say(f"sweep {name} had finished; its MLflow record is complete")
         _finish(record)
+
+
+@contextlib.contextmanager
+def _interruptible(name: str) -> Iterator[None]:
+    """Ctrl-C pressed again while Tune winds down (or MLflow's last writes wait) ends as the
+    first one does: one line, exit status 130; what is left is in the sweep's state."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _say_interrupted(name)
+
+
+def _say_interrupted(name: str) -> NoReturn:
+    say(f"interrupted: continue with  orchestrate resume {name}")
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _say_log_path(path: Path, verbose: bool) -> None:
@@ -154,8 +175,7 @@ def _finish(record: SweepRecord) -> None:
     metric = now.spec.search.metric
     console.print(trials_table(now.study, metric, limit=5, title=f"top 5 of {record.name}"))
     if not now.finished:
-        say(f"interrupted: continue with  orchestrate resume {record.name}")
-        sys.exit(EXIT_INTERRUPTED)
+        _say_interrupted(record.name)
     if (record.directory / REPORT_FILE).is_file():
         say(f"report: {record.directory / REPORT_FILE}")
     say(
