@@ -1,5 +1,5 @@
-"""The sweep's driver lock: one holder at a time, named to the one refused; gone with its
-process however that ends; no guard where the file system has no locks."""
+"""The sweep's driver lock: one holder at a time, named to the one refused; seen by a probe;
+gone with its process however that ends; no guard where the file system has no locks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from orchestrator.entities.sweep import SweepRecord
-from orchestrator.stores.driver_lock import driving
+from orchestrator.stores.driver_lock import driver_running, driving
 from trainer.config import ConfigError
 
 
@@ -47,6 +47,18 @@ def test_a_second_holder_is_refused_and_told_who_holds_it(tmp_path):
         pass
 
 
+def test_the_probe_sees_a_holder_and_takes_nothing(tmp_path):
+    record = _record(tmp_path)
+    assert not driver_running(record)  # no lock file yet: nothing created by looking
+    assert not (record.directory / "driver.lock").exists()
+    with driving(record):
+        assert driver_running(record)
+        assert driver_running(record)  # the probe left nothing held
+    assert not driver_running(record)
+    with driving(record):
+        pass
+
+
 def test_the_lock_goes_with_a_killed_process(tmp_path):
     record = _record(tmp_path)
     holder = subprocess.Popen(
@@ -57,7 +69,7 @@ def test_the_lock_goes_with_a_killed_process(tmp_path):
                 f"""
                 import sys, time
                 from orchestrator.entities.sweep import SweepRecord
-                from orchestrator.stores.driver_lock import driving
+                from orchestrator.stores.driver_lock import driver_running, driving
                 with driving(SweepRecord(**{record.__dict__!r})):
                     print("held", flush=True)
                     time.sleep(600)
@@ -87,3 +99,4 @@ def test_a_file_system_without_locks_runs_unguarded(tmp_path, monkeypatch):
     with driving(_record(tmp_path)):
         ran.append(True)
     assert ran == [True]
+    assert not driver_running(_record(tmp_path))

@@ -84,6 +84,8 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
         time.sleep(0.5)
     # While it runs, a second driver is refused before it touches anything.
     storage = ["--storage", str(tmp_path / "sweeps")]
+    running = CliRunner().invoke(main, ["status", "cut", *storage])
+    assert running.exit_code == 0 and "no process runs it" not in running.output
     second = CliRunner().invoke(main, ["resume", "cut", *storage])
     assert second.exit_code == 2, second.output
     assert second.output == (
@@ -97,6 +99,8 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
     assert process.returncode == EXIT_INTERRUPTED, output
     assert output.rstrip().endswith("interrupted: continue with  orchestrate resume cut"), output
     assert "Aborted!" not in output and "Traceback" not in output
+    stopped = CliRunner().invoke(main, ["status", "cut", *storage])
+    assert "no process runs it now: `orchestrate resume cut` continues it" in stopped.output
 
     record = SweepRecord.load("cut", tmp_path / "sweeps")
     assert _finished_trials(tmp_path, "cut") < NUM_SAMPLES

@@ -216,6 +216,8 @@ def status(
     for number, reason in failures(now.study):
         console.print(f"trial {number} failed: {reason}", markup=False, soft_wrap=True)
     say(now.summary())
+    if now.interrupted:
+        say(f"no process runs it now: `orchestrate resume {name}` continues it")
     say(f"MLflow: {mask(now.record.tracking_uri)}, parent run {now.record.parent_run_id}")
 
 

@@ -22,7 +22,7 @@ from orchestrator.entities.names import DRIVER_LOCK_FILE
 from orchestrator.entities.sweep import SweepRecord
 from trainer.config import ConfigError
 
-__all__ = ["driving"]
+__all__ = ["driver_running", "driving"]
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the file system has no flock
 
@@ -52,3 +52,23 @@ def driving(record: SweepRecord) -> Iterator[None]:
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
         yield
+
+
+def driver_running(record: SweepRecord) -> bool:
+    """Whether a process runs the sweep now: a probe that takes a shared lock and drops it
+    at once (a `resume` starting in that instant would be refused, and can be run again).
+    False for a sweep recorded before the lock existed, or on storage without locks."""
+    try:
+        fd = os.open(record.directory / DRIVER_LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+    finally:
+        os.close(fd)  # and with it the probe's lock
+    return False

@@ -14,6 +14,7 @@ from orchestrator.entities.space import SpaceSpec
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.rendering.tables import best_summary, counts_text
 from orchestrator.selection.trials import is_finished, state_counts
+from orchestrator.stores.driver_lock import driver_running
 from orchestrator.stores.preflight import check_stores
 from orchestrator.stores.study import load_study
 from trainer.config import ConfigError
@@ -32,6 +33,11 @@ class SweepStatus:
     @property
     def finished(self) -> bool:
         return is_finished(self.study, self.record.num_samples)
+
+    @property
+    def interrupted(self) -> bool:
+        """Not finished, and no process runs it (its RUNNING trials wait for `resume`)."""
+        return not self.finished and not driver_running(self.record)
 
     def summary(self) -> str:
         """``4/8 trials (complete 3 running 1); best ...``."""
