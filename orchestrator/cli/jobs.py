@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import EXIT_INTERRUPTED, Command, fail_on_input_errors, say
+from orchestrator.cli.options import Command, fail_on_input_errors, on_interrupt
 from orchestrator.entities.names import METRICS_FILE
 from orchestrator.entities.space import is_space_file, parse_space
 from orchestrator.rendering.console import console, epoch_progress, exit_table
@@ -36,12 +35,11 @@ def train(config_path: str, output: str | None) -> None:
         f"[bold]{cfg.loss.kind}[/] on {cfg.dataset.name}: {cfg.model.arch}, exits "
         f"{cfg.model.exits}, {cfg.train.epochs} epochs on {job.device}"
     )
-    try:
-        with epoch_progress(cfg.train.epochs, job.epoch, cfg.num_exits) as show:
-            final = training.train(job, out_dir, on_epoch=show)
-    except KeyboardInterrupt:
-        say(f"interrupted: nothing written to {out_dir}")
-        sys.exit(EXIT_INTERRUPTED)
+    with (
+        on_interrupt(f"interrupted: nothing written to {out_dir}"),
+        epoch_progress(cfg.train.epochs, job.epoch, cfg.num_exits) as show,
+    ):
+        final = training.train(job, out_dir, on_epoch=show)
     console.print(exit_table(final, cfg.num_exits, title=f"{config_path} after {job.epoch} epochs"))
     console.print(f"wrote {out_dir / METRICS_FILE} and {out_dir / 'checkpoint.pt'}")
 

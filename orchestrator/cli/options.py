@@ -3,9 +3,11 @@ status 1), the store options, and plain output lines."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -20,7 +22,9 @@ __all__ = [
     "Command",
     "Group",
     "InputError",
+    "exit_interrupted",
     "fail_on_input_errors",
+    "on_interrupt",
     "say",
     "storage_option",
     "stored_urls_options",
@@ -115,6 +119,21 @@ def say(text: str) -> None:
     """One plain line on the terminal (never wrapped, no markup), also while the libraries'
     output goes to the log file."""
     console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+def exit_interrupted(message: str) -> NoReturn:
+    """End the command as Ctrl-C ends it: `message` on one line, exit status 130."""
+    say(message)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C in the block ends the command with :func:`exit_interrupted`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        exit_interrupted(message)
 
 
 def fail_on_input_errors(fn: F) -> F:

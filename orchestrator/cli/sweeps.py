@@ -7,18 +7,15 @@ Each command imports its use case inside the function (``# noqa: PLC0415``): `or
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
 from orchestrator.cli.options import (
-    EXIT_INTERRUPTED,
     Command,
+    exit_interrupted,
     fail_on_input_errors,
+    on_interrupt,
     say,
     storage_option,
     stored_urls_options,
@@ -112,7 +109,7 @@ def launch(
         progress = SweepProgress(
             record.num_samples, spec.max_epochs, record.study_storage, record.name
         )
-        with _interruptible(record.name):
+        with on_interrupt(_resume_line(record.name)):  # also Ctrl-C pressed twice
             launching.launch(spec, record, [progress])
         _finish(record)
 
@@ -138,26 +135,17 @@ def resume(
             say(f"resuming sweep {name} from {record.directory}")
             _say_log_path(record.directory / LOG_FILE, verbose)
 
-        with _interruptible(name):
+        with on_interrupt(_resume_line(name)):
             finished_before = resuming.resume(record, on_start=start) is None
         if finished_before:
             say(f"sweep {name} had finished; its MLflow record is complete")
         _finish(record)
 
 
-@contextlib.contextmanager
-def _interruptible(name: str) -> Iterator[None]:
-    """Ctrl-C pressed again while Tune winds down (or MLflow's last writes wait) ends as the
-    first one does: one line, exit status 130; what is left is in the sweep's state."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        _say_interrupted(name)
-
-
-def _say_interrupted(name: str) -> NoReturn:
-    say(f"interrupted: continue with  orchestrate resume {name}")
-    sys.exit(EXIT_INTERRUPTED)
+def _resume_line(name: str) -> str:
+    """What an interrupted sweep says, whether Tune stopped it or Ctrl-C came again while it
+    wound down (or MLflow's last writes were waited for): what is left is in its state."""
+    return f"interrupted: continue with  orchestrate resume {name}"
 
 
 def _say_log_path(path: Path, verbose: bool) -> None:
@@ -175,7 +163,7 @@ def _finish(record: SweepRecord) -> None:
     metric = now.spec.search.metric
     console.print(trials_table(now.study, metric, limit=5, title=f"top 5 of {record.name}"))
     if not now.finished:
-        _say_interrupted(record.name)
+        exit_interrupted(_resume_line(record.name))
     if (record.directory / REPORT_FILE).is_file():
         say(f"report: {record.directory / REPORT_FILE}")
     say(
@@ -260,12 +248,11 @@ def promote(
         f"promoting trial {number} of {name} ({rule.describe(search)}): "
         f"{cfg.train.epochs} epochs on train+val"
     )
-    try:
-        with epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show:
-            result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
-    except KeyboardInterrupt:
-        say("interrupted: the final job's MLflow run is KILLED")
-        sys.exit(EXIT_INTERRUPTED)
+    with (
+        on_interrupt("interrupted: the final job's MLflow run is KILLED"),
+        epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show,
+    ):
+        result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
     console.print(exit_table(result.metrics, cfg.num_exits, title=f"{name}: final job (test)"))
     console.print(f"MLflow run {result.run_id}")
     if result.model_name:

@@ -44,13 +44,12 @@ def driving(record: SweepRecord) -> Iterator[None]:
             ) from None
         except OSError as err:
             if err.errno not in _NO_LOCKS:
-                raise
-            yield  # storage without locks: run unguarded, as before there was a lock
-            return
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+                raise  # else storage without locks: run unguarded, as before the lock
+        else:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
         yield
 
 

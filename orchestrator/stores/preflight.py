@@ -27,13 +27,13 @@ from trainer.config import ConfigError
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "check_name",
     "check_new_sweep",
     "check_port_free",
-    "check_storage_dir",
     "check_stores",
     "check_study_storage",
-    "check_sweep_name",
     "check_tracking_uri",
+    "check_writable_dir",
     "error_reason",
     "sqlite_file",
 ]
@@ -62,7 +62,7 @@ def error_reason(err: BaseException) -> str:
     return text.splitlines()[0].rstrip(".")
 
 
-def check_sweep_name(name: str, option: str = "--name") -> None:
+def check_name(name: str, option: str) -> None:
     """A sweep's name, or a registered model's (`--register`): MLflow would take more, but a
     space or a quote would break the `models:/NAME@champion` commands printed for it."""
     if not _NAME.match(name):
@@ -84,7 +84,7 @@ def _creatable_dir_problem(path: Path) -> str | None:
     return None
 
 
-def check_storage_dir(path: str | Path, option: str = "--storage") -> Path:
+def check_writable_dir(path: str | Path, option: str) -> Path:
     """The absolute directory `path` (the sweep storage, or a command's `--output`), which
     must be (or become) a writable directory."""
     directory = Path(path).expanduser().resolve()

@@ -64,8 +64,8 @@ def prepare(
 ) -> SweepRecord:
     """Check the request, then join or start Ray; raises ConfigError before Ray starts
     (or, joining a cluster, before anything is recorded)."""
-    preflight.check_sweep_name(name)
-    storage = preflight.check_storage_dir(storage_path)
+    preflight.check_name(name, "--name")
+    storage = preflight.check_writable_dir(storage_path, "--storage")
     if (storage / name / RECORD_FILE).exists():
         raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
     if num_samples is not None and num_samples < 1:

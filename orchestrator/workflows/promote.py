@@ -29,7 +29,7 @@ from orchestrator.entities.names import (
 from orchestrator.entities.space import decode_params
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.selection.pick import PickRule, parse_pick, pick_trial
-from orchestrator.stores.preflight import check_sweep_name
+from orchestrator.stores.preflight import check_name
 from orchestrator.stores.study import load_study
 from orchestrator.stores.tracking.runs import find_trial_run, flatten, now_ms
 from trainer import metrics as M
@@ -69,7 +69,7 @@ def final_job_config(
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs is {epochs}, but must be >= 1")
     if register is not None:
-        check_sweep_name(register, "--register")
+        check_name(register, "--register")
     chosen = pick_trial(load_study(record), spec.search, rule)
     job = spec.job_for(decode_params(spec, chosen.params))
     final = {"dataset.val_fraction": 0.0, "train.epochs": epochs or spec.base.train.epochs}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from orchestrator.entities.names import METRICS_FILE
-from orchestrator.stores.preflight import check_storage_dir
+from orchestrator.stores.preflight import check_writable_dir
 from trainer.config import JobConfig
 from trainer.engine import Job, build_job, fit, model_metrics, save_checkpoint
 
@@ -17,7 +17,7 @@ __all__ = ["prepare_job", "train"]
 
 def prepare_job(cfg: JobConfig, output: str | Path) -> tuple[Job, Path]:
     """The built job and the directory its results go to (which must be one, if it exists)."""
-    out_dir = check_storage_dir(output, "--output")
+    out_dir = check_writable_dir(output, "--output")
     return build_job(cfg), out_dir
 
 
