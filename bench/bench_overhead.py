@@ -227,14 +227,14 @@ def run_ours(workdir: Path, epochs: int, index: int) -> SweepRun:
     MlflowClient(tracking_uri).search_experiments()  # creates the store's tables, untimed
     with DriverTimers().installed() as timers:
         start = time.perf_counter()
-        record = prepare(
+        with prepare(
             spec,
             name=f"overhead-{index}",
             storage_path=workdir / "sweeps",
             tracking_uri=tracking_uri,
             gpus=0,
-        )
-        launch(spec, record)
+        ) as record:
+            launch(spec, record)
         end = time.perf_counter()
     return sweep_figures(timers, start, end)
 

@@ -303,10 +303,12 @@ def run_ours(args: argparse.Namespace, workdir: Path, trainable) -> PathRun:
     name, storage = f"scale-{args.trials}", workdir / "sweeps"
 
     def run() -> int:
-        record = prepare(spec, name=name, storage_path=storage, tracking_uri=tracking_uri, gpus=0)
-        # As `orchestrate launch` runs it, with its progress line (redrawn on a terminal).
-        progress = SweepProgress(args.trials, spec.max_epochs, record.study_storage, name)
-        return ended(launch(spec, record, [progress], trainable=trainable))
+        with prepare(
+            spec, name=name, storage_path=storage, tracking_uri=tracking_uri, gpus=0
+        ) as record:
+            # As `orchestrate launch` runs it, with its progress line (redrawn on a terminal).
+            progress = SweepProgress(args.trials, spec.max_epochs, record.study_storage, name)
+            return ended(launch(spec, record, [progress], trainable=trainable))
 
     own = {
         "  of which MLflow, per trial": [

@@ -84,7 +84,7 @@ def launch(
     name = name or sweep_name_for(space_file)
     log_path = Path(storage).resolve() / name / LOG_FILE
     with library_output_to(log_path, verbose=verbose) as release_log:
-        record = launching.prepare(
+        with launching.prepare(
             spec,
             name=name,
             storage_path=storage,
@@ -94,23 +94,23 @@ def launch(
             address=address,
             num_samples=num_samples,
             max_concurrent=max_concurrent,
-        )
-        release_log()  # the request is sound: from here on the sweep has a directory
-        say(
-            f"sweep {record.name}: {record.num_samples} trials of {spec.source} on "
-            f"{record.address or 'a local Ray (127.0.0.1)'}, {record.gpus} GPU(s); "
-            f"tracking {mask(record.tracking_uri)}"
-        )
-        if spec.search.multi_objective:
-            say(f"objectives: {spec.search.objectives_text}")
-        if (note := pruner_note(spec)) is not None:
-            say(note)
-        _say_log_path(log_path, verbose)
-        progress = SweepProgress(
-            record.num_samples, spec.max_epochs, record.study_storage, record.name
-        )
-        with on_interrupt(_resume_line(record.name)):  # also Ctrl-C pressed twice
-            launching.launch(spec, record, [progress])
+        ) as record:
+            release_log()  # the request is sound: from here on the sweep has a directory
+            say(
+                f"sweep {record.name}: {record.num_samples} trials of {spec.source} on "
+                f"{record.address or 'a local Ray (127.0.0.1)'}, {record.gpus} GPU(s); "
+                f"tracking {mask(record.tracking_uri)}"
+            )
+            if spec.search.multi_objective:
+                say(f"objectives: {spec.search.objectives_text}")
+            if (note := pruner_note(spec)) is not None:
+                say(note)
+            _say_log_path(log_path, verbose)
+            progress = SweepProgress(
+                record.num_samples, spec.max_epochs, record.study_storage, record.name
+            )
+            with on_interrupt(_resume_line(record.name)):  # also Ctrl-C pressed twice
+                launching.launch(spec, record, [progress])
         _finish(record)
 
 

@@ -17,9 +17,9 @@ import fcntl
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 from orchestrator.entities.names import DRIVER_LOCK_FILE
-from orchestrator.entities.sweep import SweepRecord
 from trainer.config import ConfigError
 
 __all__ = ["driver_running", "driving"]
@@ -28,19 +28,19 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the file system ha
 
 
 @contextlib.contextmanager
-def driving(record: SweepRecord) -> Iterator[None]:
-    """Hold the sweep's driver lock for the block; ConfigError (one line) when another
-    process holds it, naming that process."""
-    record.directory.mkdir(parents=True, exist_ok=True)
-    with (record.directory / DRIVER_LOCK_FILE).open("a+", encoding="utf-8") as lock:
+def driving(directory: Path) -> Iterator[None]:
+    """Hold the driver lock of the sweep in `directory` (named after it) for the block;
+    ConfigError (one line) when another process holds it, naming that process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / DRIVER_LOCK_FILE).open("a+", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             raise ConfigError(
-                f"sweep {record.name!r} is running ({holder}): wait for it to end, or stop "
-                f"it and `orchestrate resume {record.name}`"
+                f"sweep {directory.name!r} is running ({holder}): wait for it to end, or "
+                f"stop it and `orchestrate resume {directory.name}`"
             ) from None
         except OSError as err:
             if err.errno not in _NO_LOCKS:
@@ -53,12 +53,13 @@ def driving(record: SweepRecord) -> Iterator[None]:
         yield
 
 
-def driver_running(record: SweepRecord) -> bool:
-    """Whether a process runs the sweep now: a probe that takes a shared lock and drops it
-    at once (a `resume` starting in that instant would be refused, and can be run again).
-    False for a sweep recorded before the lock existed, or on storage without locks."""
+def driver_running(directory: Path) -> bool:
+    """Whether a process runs the sweep in `directory` now: a probe that takes a shared lock
+    and drops it at once (a `resume` starting in that instant would be refused, and can be
+    run again). False for a sweep recorded before the lock existed, or on storage without
+    locks."""
     try:
-        fd = os.open(record.directory / DRIVER_LOCK_FILE, os.O_RDONLY)
+        fd = os.open(directory / DRIVER_LOCK_FILE, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:

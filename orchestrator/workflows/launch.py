@@ -6,13 +6,15 @@ Everything a sweep needs to be resumed, inspected or promoted later is written t
 kept there with their passwords masked (:mod:`orchestrator.entities.credentials`).
 
 Every request is checked (:mod:`orchestrator.stores.preflight`) before Ray starts or
-anything is recorded.
+anything is recorded, and the sweep's driver lock (:mod:`orchestrator.stores.driver_lock`)
+is taken before a local Ray starts: a second ``launch`` of the same name is refused at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +52,12 @@ def check_gpus(gpus: int, available: int, where: str) -> None:
         raise ConfigError(f"--gpus is {gpus}, but {where} has {available} GPU(s)")
 
 
+def check_unused(storage: Path, name: str) -> None:
+    if (storage / name / RECORD_FILE).exists():
+        raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
+
+
+@contextlib.contextmanager
 def prepare(
     spec: SpaceSpec,
     *,
@@ -61,13 +69,14 @@ def prepare(
     address: str | None = None,
     num_samples: int | None = None,
     max_concurrent: int | None = None,
-) -> SweepRecord:
-    """Check the request, then join or start Ray; raises ConfigError before Ray starts
-    (or, joining a cluster, before anything is recorded)."""
+) -> Iterator[SweepRecord]:
+    """Check the request, join the cluster (`address`) or take the sweep's driver lock and
+    start a local Ray; yields the sweep's record, to :func:`launch` within the block, which
+    holds the lock. Raises ConfigError before Ray starts (or, joining a cluster, before
+    anything is recorded)."""
     preflight.check_name(name, "--name")
     storage = preflight.check_writable_dir(storage_path, "--storage")
-    if (storage / name / RECORD_FILE).exists():
-        raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
+    check_unused(storage, name)
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples is {num_samples}, but must be >= 1")
     if num_samples and spec.search.sampler.kind == "grid" and num_samples > grid_size(spec):
@@ -85,29 +94,31 @@ def prepare(
     preflight.check_tracking_uri(tracking_uri)
     preflight.check_study_storage(study_storage)
     preflight.check_new_sweep(tracking_uri, study_storage, name)
-    if address is None:
-        init_ray(num_gpus=gpus)
-    else:
+    if address is not None:  # joining starts nothing, and a refusal leaves no directory
         address = check_ray_address(address)
         join_ray(address)
         available = int(ray.cluster_resources().get("GPU", 0))
         gpus = available if gpus is None else gpus
         check_gpus(gpus, available, f"the cluster at {address}")
-    remember(tracking_uri)
-    remember(study_storage)
-    return SweepRecord(
-        name=name,
-        storage_path=str(storage),
-        tracking_uri=tracking_uri,
-        experiment_id="",
-        parent_run_id="",
-        study_storage=study_storage,
-        gpus=gpus,
-        address=address,
-        max_concurrent=max_concurrent or spec.search.max_concurrent,
-        num_samples=num_samples or spec.search.num_samples,
-        created=datetime.now().isoformat(timespec="seconds"),
-    )
+    with driving(storage / name):
+        check_unused(storage, name)  # a launch of the same name may have ended meanwhile
+        if address is None:
+            init_ray(num_gpus=gpus)
+        remember(tracking_uri)
+        remember(study_storage)
+        yield SweepRecord(
+            name=name,
+            storage_path=str(storage),
+            tracking_uri=tracking_uri,
+            experiment_id="",
+            parent_run_id="",
+            study_storage=study_storage,
+            gpus=gpus,
+            address=address,
+            max_concurrent=max_concurrent or spec.search.max_concurrent,
+            num_samples=num_samples or spec.search.num_samples,
+            created=datetime.now().isoformat(timespec="seconds"),
+        )
 
 
 def launch(
@@ -117,18 +128,8 @@ def launch(
     trainable: Callable[[dict[str, Any]], None] = train_job,
 ) -> tune.ResultGrid:
     """Create the study and the parent run, record the sweep, run it to the end (each trial
-    running `trainable`, see :func:`~orchestrator.tuning.tuner.sweep_tuner`), holding the
-    sweep's driver lock throughout (:mod:`orchestrator.stores.driver_lock`)."""
-    with driving(record):
-        return _record_and_run(spec, record, callbacks, trainable)
-
-
-def _record_and_run(
-    spec: SpaceSpec,
-    record: SweepRecord,
-    callbacks: Sequence[tune.Callback],
-    trainable: Callable[[dict[str, Any]], None],
-) -> tune.ResultGrid:
+    running `trainable`, see :func:`~orchestrator.tuning.tuner.sweep_tuner`). Call it within
+    :func:`prepare`'s block, which holds the sweep's driver lock."""
     if record.tracking_uri.startswith("sqlite:///"):
         preflight.sqlite_file(record.tracking_uri).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.source, record.space_file)

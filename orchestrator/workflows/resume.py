@@ -79,7 +79,7 @@ def resume(
     runs the sweep (:mod:`orchestrator.stores.driver_lock`). `on_start` is called once the
     sweep is checked and locked, before anything runs."""
     check_resumable(record)
-    with driving(record):  # before anything is written: another driver may be running it
+    with driving(record.directory):  # before anything is written: another driver may be running it
         on_start()
         if is_finished(load_study(record), record.num_samples):
             complete_mlflow_record(record)

@@ -37,7 +37,7 @@ class SweepStatus:
     @property
     def interrupted(self) -> bool:
         """Not finished, and no process runs it (its RUNNING trials wait for `resume`)."""
-        return not self.finished and not driver_running(self.record)
+        return not self.finished and not driver_running(self.record.directory)
 
     def summary(self) -> str:
         """``4/8 trials (complete 3 running 1); best ...``."""
