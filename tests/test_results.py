@@ -255,6 +255,10 @@ def test_promote_picks_the_most_accurate_trial_under_a_gflops_budget(results_swe
     assert f"mlflow models serve -m {uri} " in result.output
     logged = client.get_logged_model(uri.removeprefix("models:/"))
     assert logged.source_run_id == final[0].info.run_id
+    # MLflow's own messages (its pickle advisory) go to the sweep's log, as in `launch`.
+    advisory = "WARNING mlflow.pytorch: Saving pytorch model by Pickle"
+    assert advisory not in result.output
+    assert advisory in (record.directory / "sweep.log").read_text()
 
 
 def test_promote_interrupted_ends_130_with_its_run_killed_and_nothing_registered(results_sweep):

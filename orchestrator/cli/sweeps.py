@@ -223,6 +223,7 @@ def status(
 )
 @storage_option
 @stored_urls_options
+@verbose_option
 @fail_on_input_errors
 def promote(
     name: str,
@@ -232,9 +233,11 @@ def promote(
     storage: str,
     tracking_uri: str | None,
     study_storage: str | None,
+    verbose: bool,
 ) -> None:
     """Retrain a finished trial (the best, or the one --pick chooses) on train+val and
     report test metrics."""
+    from orchestrator.cli.quiet import library_output_to  # noqa: PLC0415  (see module doc)
     from orchestrator.rendering.console import epoch_progress, exit_table  # noqa: PLC0415
     from orchestrator.selection.pick import parse_pick  # noqa: PLC0415  (see module doc)
     from orchestrator.workflows import promote as promotion  # noqa: PLC0415
@@ -248,10 +251,13 @@ def promote(
         f"promoting trial {number} of {name} ({rule.describe(search)}): "
         f"{cfg.train.epochs} epochs on train+val"
     )
+    _say_log_path(record.directory / LOG_FILE, verbose)
     with (
+        library_output_to(record.directory / LOG_FILE, verbose=verbose) as release_log,
         on_interrupt("interrupted: the final job's MLflow run is KILLED"),
         epoch_progress(cfg.train.epochs, 0, cfg.num_exits) as show,
     ):
+        release_log()  # the sweep's directory exists
         result = promotion.promote(record, cfg, number, register=register, on_epoch=show)
     console.print(exit_table(result.metrics, cfg.num_exits, title=f"{name}: final job (test)"))
     console.print(f"MLflow run {result.run_id}")
