@@ -1,10 +1,16 @@
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from orchestrator.cli import main
+from orchestrator.cli.options import EXIT_INTERRUPTED
 from trainer import metrics as M
 
 TINY = """
@@ -95,3 +101,31 @@ def test_train_missing_cifar_exits_2_naming_the_path(runner, tmp_path):
     assert str(tmp_path / "data") in result.output
     assert "download" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_train_interrupted_ends_130_and_writes_nothing(tmp_path):
+    """Ctrl-C once training has started (its first line printed): status 130, one line."""
+    config = write(tmp_path, TINY.replace("epochs: 2", "epochs: 500"))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("orchestrate")),
+            "train",
+            "--config",
+            config,
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    first = process.stdout.readline()  # printed once the job is built, before its first epoch
+    assert first.startswith("mate on digits: convnet, exits [2, 4], 500 epochs"), first
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED, output
+    assert output.rstrip().endswith(f"interrupted: nothing written to {out}"), output
+    assert "Traceback" not in output and "Aborted!" not in output
+    assert not out.exists() or not any(out.iterdir())
