@@ -117,7 +117,7 @@ def test_a_second_launch_of_a_name_is_refused_before_ray_starts(tmp_path):
             env={**os.environ, "RAY_ADDRESS": ""},
         )
     assert refused.stdout == (
-        f"sweep 'twin' is running (pid {os.getpid()} on {socket.gethostname()}): wait for it "
-        "to end, or stop it and `orchestrate resume twin`\nray started: False\n"
+        f"sweep 'twin' is running (pid {os.getpid()} on {socket.gethostname()}): choose "
+        "another --name\nray started: False\n"
     ), refused.stderr
     assert sorted(p.name for p in directory.iterdir()) == ["driver.lock"]

@@ -28,9 +28,12 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the file system ha
 
 
 @contextlib.contextmanager
-def driving(directory: Path) -> Iterator[None]:
+def driving(directory: Path, advice: str | None = None) -> Iterator[None]:
     """Hold the driver lock of the sweep in `directory` (named after it) for the block;
-    ConfigError (one line) when another process holds it, naming that process."""
+    ConfigError (one line) when another process holds it, naming that process, then
+    `advice` (by default: wait, or stop it and resume)."""
+    name = directory.name
+    advice = advice or f"wait for it to end, or stop it and `orchestrate resume {name}`"
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / DRIVER_LOCK_FILE).open("a+", encoding="utf-8") as lock:
         try:
@@ -38,10 +41,7 @@ def driving(directory: Path) -> Iterator[None]:
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
-            raise ConfigError(
-                f"sweep {directory.name!r} is running ({holder}): wait for it to end, or "
-                f"stop it and `orchestrate resume {directory.name}`"
-            ) from None
+            raise ConfigError(f"sweep {name!r} is running ({holder}): {advice}") from None
         except OSError as err:
             if err.errno not in _NO_LOCKS:
                 raise  # else storage without locks: run unguarded, as before the lock

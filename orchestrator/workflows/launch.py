@@ -100,7 +100,7 @@ def prepare(
         available = int(ray.cluster_resources().get("GPU", 0))
         gpus = available if gpus is None else gpus
         check_gpus(gpus, available, f"the cluster at {address}")
-    with driving(storage / name):
+    with driving(storage / name, advice="choose another --name"):
         check_unused(storage, name)  # a launch of the same name may have ended meanwhile
         if address is None:
             init_ray(num_gpus=gpus)
