@@ -10,7 +10,7 @@ from orchestrator.cli.options import Command, fail_on_input_errors, on_interrupt
 from orchestrator.entities.names import METRICS_FILE
 from orchestrator.entities.space import is_space_file, parse_space
 from orchestrator.rendering.console import console, epoch_progress, exit_table
-from trainer.config import load_job_config, parse_job_file, read_yaml
+from trainer.config import ConfigError, parse_job_file, read_yaml
 
 __all__ = ["train", "validate"]
 
@@ -29,7 +29,13 @@ def train(config_path: str, output: str | None) -> None:
     # Here, not at the top: torch loads only for the commands that train.
     from orchestrator.workflows import train as training  # noqa: PLC0415
 
-    cfg = load_job_config(config_path)
+    data = read_yaml(config_path)
+    if is_space_file(data):
+        raise ConfigError(
+            f"{config_path}: a space file, not a job config; "
+            f"`orchestrate launch --space {config_path}` runs it"
+        )
+    cfg = parse_job_file(data, source=config_path)
     job, out_dir = training.prepare_job(cfg, output or Path("outputs") / Path(config_path).stem)
     console.print(
         f"[bold]{cfg.loss.kind}[/] on {cfg.dataset.name}: {cfg.model.arch}, exits "

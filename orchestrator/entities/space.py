@@ -315,6 +315,11 @@ def parse_space(data: Mapping[str, Any], source: str) -> SpaceSpec:
     """Validate the parsed YAML of a space file; every problem is a one-line ConfigError."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping with base, search and space sections")
+    if data and not is_space_file(data) and set(data) <= set(JobConfig.model_fields):
+        raise ConfigError(
+            f"{source}: a job config, not a space file (sections base, search, space); "
+            f"`orchestrate train --config {source}` runs it"
+        )
     for key in data:
         if key not in _SECTIONS:
             raise ConfigError(f"{source}: unknown key `{key}` (sections: base, search, space)")
