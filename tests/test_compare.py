@@ -131,6 +131,10 @@ def test_a_list_valued_key_names_its_groups_in_compact_json(grid_sweep):
     [
         (["--by", "loss.nope"], "--by is 'loss.nope', but must be a key of the job config"),
         (
+            ["--by", "loss"],
+            "--by is 'loss', a section; name one of its keys (loss.kind, loss.temperature, ",
+        ),
+        (
             ["--by", "loss.kind", "--against", "byot"],
             "--against is 'byot', but the groups are",
         ),

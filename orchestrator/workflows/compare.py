@@ -76,11 +76,16 @@ def _label(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def _group_value(cfg: JobConfig, key: str) -> str:
+def _config_value(cfg: JobConfig, key: str) -> Any:
+    """The value of dotted `key` in `cfg`; KeyError or TypeError if it has none."""
     node: Any = cfg.to_dict()
     for part in key.split("."):
         node = node[part]
-    return _label(node)
+    return node
+
+
+def _group_value(cfg: JobConfig, key: str) -> str:
+    return _label(_config_value(cfg, key))
 
 
 def _as_group(against: str) -> str:
@@ -152,10 +157,15 @@ def _finished_trials(
 
 
 def _check_key(spec: SpaceSpec, by: str) -> None:
+    """A key with a value (``loss.kind``), not a section (``loss``), whose groups would be
+    whole sections."""
     try:
-        _group_value(spec.base, by)
+        node = _config_value(spec.base, by)
     except (KeyError, TypeError):
         raise ConfigError(f"--by is {by!r}, but must be a key of the job config") from None
+    if isinstance(node, dict):
+        keys = ", ".join(f"{by}.{key}" for key in list(node)[:3])
+        raise ConfigError(f"--by is {by!r}, a section; name one of its keys ({keys}, ...)")
 
 
 def compare(
