@@ -34,6 +34,7 @@ from orchestrator.stores.study import load_study
 from orchestrator.stores.tracking.runs import find_trial_run, flatten, now_ms
 from trainer import metrics as M
 from trainer.config import ConfigError, JobConfig, apply_overrides
+from trainer.data import check_available
 from trainer.engine import Job, build_job, fit, model_metrics, save_checkpoint
 from trainer.serving import log_servable_model, usage_lines
 
@@ -73,6 +74,7 @@ def final_job_config(
     chosen = pick_trial(load_study(record), spec.search, rule)
     job = spec.job_for(decode_params(spec, chosen.params))
     final = {"dataset.val_fraction": 0.0, "train.epochs": epochs or spec.base.train.epochs}
+    check_available(job.dataset)  # the data is loaded once the final job's run exists
     return apply_overrides(job, final, source="promote"), chosen.number
 
 
@@ -85,8 +87,8 @@ def promote(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> Promotion:
     """Train the final job `cfg` (from :func:`final_job_config`, trial `number`), log it and
-    (with `register`) register it as `champion`."""
-    job = build_job(cfg)
+    (with `register`) register it as `champion`. The run is created first, so that it ends
+    KILLED or FAILED wherever the job stops, loading its data included."""
     client = MlflowClient(record.tracking_uri)
     tags = {
         MLFLOW_RUN_NAME: f"{record.name}-final",
@@ -97,7 +99,6 @@ def promote(
     if (trial_run := find_trial_run(client, record.target, number)) is not None:
         tags[PROMOTED_RUN_TAG] = trial_run.info.run_id
     run_id = client.create_run(record.experiment_id, tags=tags).info.run_id
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flatten(cfg.to_dict()).items()])
 
     def log_epoch(metrics: dict[str, float]) -> None:
         step = int(metrics[M.EPOCH])
@@ -107,6 +108,9 @@ def promote(
             on_epoch(metrics)
 
     with _ended(client, run_id):
+        params = [Param(k, str(v)) for k, v in flatten(cfg.to_dict()).items()]
+        client.log_batch(run_id, params=params)
+        job = build_job(cfg)
         final = fit(job, on_epoch=log_epoch) | model_metrics(job)
         client.log_batch(
             run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in model_metrics(job).items()]
