@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import optuna
 import pytest
 
 from orchestrator.rendering import plots
@@ -102,3 +105,23 @@ def test_png_is_a_small_image():
     data = plots.png(figure)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert 5_000 < len(data) < 200_000
+
+
+def test_parallel_coordinates_of_one_finished_trial_draw_without_a_warning():
+    """One trial: a log-scaled axis of no height, which matplotlib widened with a warning
+    printed on `orchestrate report`'s terminal."""
+    log_lr = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
+    kind = optuna.distributions.CategoricalDistribution(["dsn", "mate"])
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 0.01, "kind": "mate"},
+            distributions={"lr": log_lr, "kind": kind},
+            value=0.5,
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = plots.parallel_coordinate_figure(study, "val/acc")
+    assert len(figure.axes) == 4  # the objective's axis, one per parameter, the colour bar
+    plots.close(figure)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -24,6 +25,7 @@ from orchestrator.cli import EXIT_INTERRUPTED, main
 from orchestrator.report.panels import build_panels
 from orchestrator.selection.trials import pareto_trials
 from orchestrator.stores.study import load_study
+from orchestrator.workflows.status import sweep_rows
 from results_fixture import (
     MAX_EPOCHS,
     NAME,
@@ -375,3 +377,42 @@ def test_ui_and_dashboard_refuse_a_taken_port_or_unknown_host_before_starting(re
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("Error: --host is 'no-such-host.invalid': ")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_moved_sweep_is_read_where_it_is_and_nothing_is_written_where_it_was(
+    results_sweep, tmp_path
+):
+    """The sweeps folder moved (or mounted elsewhere): `status`, `report` and `resume` of the
+    finished sweep read it where it is now; where it was gets nothing (an empty optuna.db
+    and a traceback before). A study file gone is one line, and a row of the listing."""
+    record = results_sweep.record
+    away, moved = tmp_path / "away", tmp_path / "moved"
+    shutil.move(record.directory, away)
+    try:
+        shutil.copytree(away, moved / NAME)
+        storage = ["--storage", str(moved)]
+        status = CliRunner().invoke(main, ["status", NAME, *storage])
+        assert status.exit_code == 0, status.output
+        assert f"{NUM_SAMPLES}/{NUM_SAMPLES} trials" in status.output
+        assert sweep_rows(moved)[0][2] == f"{NUM_SAMPLES}/{NUM_SAMPLES}"
+        report = CliRunner().invoke(main, ["report", NAME, *storage])
+        assert report.exit_code == 0, report.output
+        assert f"wrote {moved / NAME / 'report.html'}" in report.output
+        resumed = CliRunner().invoke(main, ["resume", NAME, *storage])
+        assert resumed.exit_code == 0, resumed.output
+        assert f"sweep {NAME} had finished" in resumed.output
+        assert not record.directory.exists()  # nothing was created where it was
+
+        study_file = moved / NAME / "optuna.db"
+        study_file.unlink()
+        gone = CliRunner().invoke(main, ["status", NAME, *storage])
+        assert gone.exit_code == 2
+        assert gone.output == (
+            f"Error: the sweep's study storage is 'sqlite:///{study_file}', but {study_file} "
+            "does not exist\n"
+        )
+        assert sweep_rows(moved)[0][3].endswith(f"{study_file} does not exist")
+        assert not study_file.exists()
+    finally:
+        shutil.rmtree(record.directory, ignore_errors=True)
+        shutil.move(away, record.directory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,6 +105,14 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
 
     record = SweepRecord.load("cut", tmp_path / "sweeps")
     assert _finished_trials(tmp_path, "cut") < NUM_SAMPLES
+    # A copy elsewhere is read there, but resumes only where Tune's state was written.
+    shutil.copytree(record.directory, tmp_path / "elsewhere" / "cut")
+    moved = CliRunner().invoke(main, ["resume", "cut", "--storage", str(tmp_path / "elsewhere")])
+    assert moved.exit_code == 2, moved.output
+    assert moved.output == (
+        f"Error: sweep 'cut' was recorded in {tmp_path / 'sweeps'} and Tune's state names that "
+        f"directory: to resume it, put it back there ({tmp_path / 'elsewhere' / 'cut'} now)\n"
+    )
 
     result = CliRunner().invoke(main, ["resume", "cut", *storage])
     assert result.exit_code == 0, result.output

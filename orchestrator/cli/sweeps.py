@@ -199,7 +199,7 @@ def status(
     if name is None:
         console.print(sweeps_table(f"sweeps in {storage}", sweep_rows(storage, full_urls)))
         return
-    now = sweep_status(open_sweep(name, storage, full_urls))
+    now = sweep_status(open_sweep(name, storage, full_urls, study_only=True))
     console.print(trials_table(now.study, now.spec.search.metric, title=f"sweep {name}"))
     for number, reason in failures(now.study):
         console.print(f"trial {number} failed: {reason}", markup=False, soft_wrap=True)

@@ -2,7 +2,10 @@
 `promote` need to find a sweep again) and :class:`SweepTarget` (where its records go).
 
 Store URLs are kept in ``sweep.json`` with their passwords masked
-(:mod:`orchestrator.entities.credentials`).
+(:mod:`orchestrator.entities.credentials`). A sweep is read where its ``sweep.json`` is
+found: moved (or mounted elsewhere), its directory and its default study file
+(``optuna.db`` inside it) are taken from there, and ``moved_from`` names where it was
+recorded.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Self
 
 from orchestrator.entities.credentials import mask, remember, reveal
 from orchestrator.entities.env import STUDY_STORAGE, SWEEP_STORAGE, TRACKING_URI
-from orchestrator.entities.names import RECORD_FILE, SPACE_COPY
+from orchestrator.entities.names import RECORD_FILE, SPACE_COPY, STUDY_FILE
 from orchestrator.entities.space import SpaceSpec, load_space
 from trainer.config import ConfigError
 
@@ -74,6 +77,8 @@ class SweepRecord(_StoreUrls):
     max_concurrent: int | None
     num_samples: int
     created: str
+    # Where the sweep was recorded, when it is read elsewhere (not kept in sweep.json).
+    moved_from: str | None = field(default=None, compare=False)
 
     @property
     def directory(self) -> Path:
@@ -97,6 +102,7 @@ class SweepRecord(_StoreUrls):
     def save(self) -> None:
         """Write sweep.json, with the store URLs' passwords masked."""
         stored = asdict(self.masked())
+        del stored["moved_from"]
         (self.directory / RECORD_FILE).write_text(json.dumps(stored, indent=2) + "\n")
 
     @classmethod
@@ -106,9 +112,11 @@ class SweepRecord(_StoreUrls):
         storage_path: str | Path = DEFAULT_STORAGE,
         full_urls: Iterable[str | None] = (),
     ) -> SweepRecord:
-        """Read sweep.json; masked store URLs are filled in from `full_urls` (the
-        --tracking-uri/--study-storage the user gave), else ConfigError."""
-        path = Path(storage_path).resolve() / name / RECORD_FILE
+        """Read sweep.json, where it is now (see the module doc); masked store URLs are filled
+        in from `full_urls` (the --tracking-uri/--study-storage the user gave), else
+        ConfigError."""
+        here = Path(storage_path).resolve()
+        path = here / name / RECORD_FILE
         if not path.is_file():
             known = sorted(p.parent.name for p in Path(storage_path).glob(f"*/{RECORD_FILE}"))
             hint = f"; known sweeps: {', '.join(known)}" if known else ""
@@ -119,6 +127,8 @@ class SweepRecord(_StoreUrls):
         except (OSError, ValueError, TypeError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"{path} is damaged ({reason})") from None
+        if stored["storage_path"] != str(here):
+            stored = _found_in(stored, here)
         full_urls = list(full_urls)
         revealed = {}
         for key, (option, env) in _URL_OPTIONS.items():
@@ -133,6 +143,17 @@ class SweepRecord(_StoreUrls):
 
     def spec(self) -> SpaceSpec:
         return load_space(self.space_file)
+
+
+def _found_in(stored: dict, here: Path) -> dict:
+    """A sweep's stored record, read under `here` rather than where it was recorded: its
+    directory, and its study when that is the default file inside it, are under `here`."""
+    recorded = Path(stored["storage_path"])
+    study = stored["study_storage"]
+    if study == f"sqlite:///{recorded / stored['name'] / STUDY_FILE}":
+        study = f"sqlite:///{here / stored['name'] / STUDY_FILE}"
+    moved = {"storage_path": str(here), "study_storage": study, "moved_from": str(recorded)}
+    return stored | moved
 
 
 def sweep_name_for(space_file: str | Path) -> str:

@@ -210,13 +210,17 @@ def optimization_history_figure(study: optuna.Study, index: int, name: str) -> F
 
 def parallel_coordinate_figure(study: optuna.Study, name: str) -> Figure:
     """Optuna's parallel coordinates of the searched parameters, coloured by the primary
-    objective `name`."""
-    ax = _optuna(
-        optuna_plots.plot_parallel_coordinate,
-        study,
-        target=lambda t: t.values[0],
-        target_name=name,
-    )
+    objective `name`. A log-scaled parameter with one value in every finished trial (one
+    finished trial, say) has an axis of no height, which matplotlib widens; its warning
+    about that is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Attempting to set identical low and high", UserWarning)
+        ax = _optuna(
+            optuna_plots.plot_parallel_coordinate,
+            study,
+            target=lambda t: t.values[0],
+            target_name=name,
+        )
     return _sized(ax.figure, width=9.0)
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ __all__ = [
     "check_new_sweep",
     "check_port_free",
     "check_stores",
+    "check_study_of",
     "check_study_storage",
     "check_tracking_uri",
     "check_writable_dir",
@@ -203,9 +205,22 @@ def check_study_storage(url: str, option: str = "--study-storage") -> None:
 
 
 def check_stores(record: SweepRecord) -> None:
-    """The recorded sweep's tracking store and study storage answer."""
-    check_tracking_uri(record.tracking_uri, "the sweep's tracking URI")
-    check_study_storage(record.study_storage, "the sweep's study storage")
+    """The recorded sweep's tracking store and study storage answer (see
+    :func:`check_study_of`)."""
+    _check_recorded(record.tracking_uri, "the sweep's tracking URI", check_tracking_uri)
+    check_study_of(record)
+
+
+def check_study_of(record: SweepRecord) -> None:
+    """The recorded sweep's study storage answers; a SQLite one must exist (opening a
+    missing one would create an empty database)."""
+    _check_recorded(record.study_storage, "the sweep's study storage", check_study_storage)
+
+
+def _check_recorded(url: str, option: str, check: Callable[[str, str], None]) -> None:
+    if _scheme(url) == "sqlite" and not sqlite_file(url).exists():
+        raise ConfigError(f"{option} is {url!r}, but {sqlite_file(url)} does not exist")
+    check(url, option)
 
 
 def _database_has(url: str, table: str, column: str, value: str) -> bool:

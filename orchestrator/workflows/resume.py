@@ -30,11 +30,18 @@ __all__ = ["complete_mlflow_record", "resume"]
 
 
 def check_resumable(record: SweepRecord) -> None:
-    """The sweep's stores answer and Tune's state is there; before Ray starts."""
+    """The sweep's stores answer and Tune's state is there; before Ray starts. An unfinished
+    sweep resumes only where it was recorded: Tune's saved callbacks and searcher name its
+    directory and study there."""
     check_stores(record)
     if not tune.Tuner.can_restore(str(record.directory)):
         raise ConfigError(
             f"sweep {record.name!r} has no Tune state to resume in {record.directory}"
+        )
+    if record.moved_from and not is_finished(load_study(record), record.num_samples):
+        raise ConfigError(
+            f"sweep {record.name!r} was recorded in {record.moved_from} and Tune's state names "
+            f"that directory: to resume it, put it back there ({record.directory} now)"
         )
 
 

@@ -15,7 +15,7 @@ from orchestrator.entities.sweep import SweepRecord
 from orchestrator.rendering.tables import best_summary, counts_text
 from orchestrator.selection.trials import is_finished, state_counts
 from orchestrator.stores.driver_lock import driver_running
-from orchestrator.stores.preflight import check_stores
+from orchestrator.stores.preflight import check_stores, check_study_of
 from orchestrator.stores.study import load_study
 from trainer.config import ConfigError
 
@@ -48,11 +48,13 @@ class SweepStatus:
         )
 
 
-def open_sweep(name: str, storage: str | Path, full_urls: Iterable[str | None]) -> SweepRecord:
+def open_sweep(
+    name: str, storage: str | Path, full_urls: Iterable[str | None], *, study_only: bool = False
+) -> SweepRecord:
     """The recorded sweep `name` (`full_urls`: its store URLs with passwords, when its record
-    keeps them masked), once its stores have answered."""
+    keeps them masked), once its stores (with `study_only`, its study) have answered."""
     record = SweepRecord.load(name, storage, full_urls)
-    check_stores(record)
+    (check_study_of if study_only else check_stores)(record)
     return record
 
 
@@ -63,12 +65,13 @@ def sweep_status(record: SweepRecord) -> SweepStatus:
 def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> list[list[str]]:
     """One row per sweep found under `storage`, in the columns of
     :data:`orchestrator.rendering.tables.SWEEPS_COLUMNS`; a sweep whose record cannot be
-    read says why."""
+    read, or whose study does not answer, says why."""
     rows = []
     full_urls = list(full_urls)
     for path in sorted(Path(storage).glob(f"*/{RECORD_FILE}")):
         try:
             record = SweepRecord.load(path.parent.name, storage, full_urls)
+            check_study_of(record)
         except ConfigError as err:
             rows.append([path.parent.name, "-", "-", str(err), "-"])
             continue
