@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import optuna
@@ -20,6 +21,18 @@ from orchestrator.entities.sweep import SweepRecord
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPACE = ROOT / "search_spaces" / "mate_digits.yaml"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"  # trust authentication: any password works
+# Execs its arguments with SIGINT at its default action, as a terminal's command has it.
+_SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def interruptible(command: Sequence[str]) -> list[str]:
+    """`command` (its program an absolute path) to start as from a terminal, where Ctrl-C
+    interrupts it: tests run in the background (`make test &`, some CI runners) inherit
+    SIGINT ignored, and a Python started so never raises KeyboardInterrupt. Same pid."""
+    return [sys.executable, "-c", _SIGINT_DEFAULT, *command]
 
 
 def short_digits_space(directory: Path, *, max_epochs: int = 4, num_samples: int = 8) -> Path:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.cli.options import EXIT_INTERRUPTED
+from sweep_helpers import interruptible
 from trainer import metrics as M
 
 TINY = """
@@ -107,15 +108,9 @@ def test_train_interrupted_ends_130_and_writes_nothing(tmp_path):
     """Ctrl-C once training has started (its first line printed): status 130, one line."""
     config = write(tmp_path, TINY.replace("epochs: 2", "epochs: 500"))
     out = tmp_path / "out"
+    orchestrate = str(Path(sys.executable).with_name("orchestrate"))
     process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("orchestrate")),
-            "train",
-            "--config",
-            config,
-            "--output",
-            str(out),
-        ],
+        interruptible([orchestrate, "train", "--config", config, "--output", str(out)]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

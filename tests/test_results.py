@@ -35,7 +35,7 @@ from results_fixture import (
     stop,
     wait_for_http,
 )
-from sweep_helpers import child_runs
+from sweep_helpers import child_runs, interruptible
 from trainer import metrics as M
 
 ACC, GFLOPS = "val/mean_exit_acc", "val/anytime_gflops"
@@ -277,7 +277,10 @@ def test_promote_interrupted_ends_130_with_its_run_killed_and_nothing_registered
         *_storage(results_sweep),
     ]
     process = subprocess.Popen(
-        [str(ORCHESTRATE), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        interruptible([str(ORCHESTRATE), *args]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while True:  # until the final job has logged an epoch

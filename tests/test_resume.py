@@ -27,6 +27,7 @@ from orchestrator.entities.names import BEST_RUN_TAG, REPORT_FILE
 from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import (
     child_runs,
+    interruptible,
     postgres_databases,
     ray_temp_dir,
     short_digits_space,
@@ -64,7 +65,7 @@ def _launch(workdir: Path, space: Path, args: list[str], env: dict | None = None
     """A real `orchestrate launch` in its own session (killpg stops it and its Ray)."""
     orchestrate = Path(sys.executable).with_name("orchestrate")
     return subprocess.Popen(
-        [str(orchestrate), "launch", "--space", str(space), *args],
+        interruptible([str(orchestrate), "launch", "--space", str(space), *args]),
         cwd=workdir,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Self
@@ -78,7 +78,7 @@ class SweepRecord(_StoreUrls):
     num_samples: int
     created: str
     # Where the sweep was recorded, when it is read elsewhere (not kept in sweep.json).
-    moved_from: str | None = field(default=None, compare=False)
+    moved_from: str | None = None
 
     @property
     def directory(self) -> Path:
