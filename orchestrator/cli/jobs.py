@@ -36,16 +36,15 @@ def train(config_path: str, output: str | None) -> None:
             f"`orchestrate launch --space {config_path}` runs it"
         )
     cfg = parse_job_file(data, source=config_path)
-    job, out_dir = training.prepare_job(cfg, output or Path("outputs") / Path(config_path).stem)
-    console.print(
-        f"[bold]{cfg.loss.kind}[/] on {cfg.dataset.name}: {cfg.model.arch}, exits "
-        f"{cfg.model.exits}, {cfg.train.epochs} epochs on {job.device}"
-    )
-    with (
-        on_interrupt(f"interrupted: nothing written to {out_dir}"),
-        epoch_progress(cfg.train.epochs, job.epoch, cfg.num_exits) as show,
-    ):
-        final = training.train(job, out_dir, on_epoch=show)
+    out = Path(output or Path("outputs") / Path(config_path).stem)
+    with on_interrupt(f"interrupted: nothing written to {out}"):  # loading the data too
+        job, out_dir = training.prepare_job(cfg, out)
+        console.print(
+            f"[bold]{cfg.loss.kind}[/] on {cfg.dataset.name}: {cfg.model.arch}, exits "
+            f"{cfg.model.exits}, {cfg.train.epochs} epochs on {job.device}"
+        )
+        with epoch_progress(cfg.train.epochs, job.epoch, cfg.num_exits) as show:
+            final = training.train(job, out_dir, on_epoch=show)
     console.print(exit_table(final, cfg.num_exits, title=f"{config_path} after {job.epoch} epochs"))
     console.print(f"wrote {out_dir / METRICS_FILE} and {out_dir / 'checkpoint.pt'}")
 
