@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import EXIT_INTERRUPTED, main
 from orchestrator.entities.names import BEST_RUN_TAG, REPORT_FILE
 from orchestrator.entities.sweep import SweepRecord
+from orchestrator.workflows.status import sweep_rows
 from sweep_helpers import (
     child_runs,
     interruptible,
@@ -88,6 +89,7 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
     storage = ["--storage", str(tmp_path / "sweeps")]
     running = CliRunner().invoke(main, ["status", "cut", *storage])
     assert running.exit_code == 0 and "no process runs it" not in running.output
+    assert not sweep_rows(tmp_path / "sweeps")[0][3].endswith("interrupted")
     second = CliRunner().invoke(main, ["resume", "cut", *storage])
     assert second.exit_code == 2, second.output
     assert second.output == (
@@ -103,6 +105,7 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
     assert "Aborted!" not in output and "Traceback" not in output
     stopped = CliRunner().invoke(main, ["status", "cut", *storage])
     assert "no process runs it now: `orchestrate resume cut` continues it" in stopped.output
+    assert sweep_rows(tmp_path / "sweeps")[0][3].endswith(", interrupted")  # the listing
 
     record = SweepRecord.load("cut", tmp_path / "sweeps")
     assert _finished_trials(tmp_path, "cut") < NUM_SAMPLES

@@ -64,25 +64,27 @@ def sweep_status(record: SweepRecord) -> SweepStatus:
 
 def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> list[list[str]]:
     """One row per sweep found under `storage`, in the columns of
-    :data:`orchestrator.rendering.tables.SWEEPS_COLUMNS`; a sweep whose record cannot be
-    read, or whose study does not answer, says why."""
+    :data:`orchestrator.rendering.tables.SWEEPS_COLUMNS`; its states end with
+    ``interrupted`` when no process runs an unfinished sweep (`resume` continues it); a
+    sweep whose record cannot be read, or whose study does not answer, says why."""
     rows = []
     full_urls = list(full_urls)
     for path in sorted(Path(storage).glob(f"*/{RECORD_FILE}")):
         try:
             record = SweepRecord.load(path.parent.name, storage, full_urls)
             check_study_of(record)
+            now = sweep_status(record)
         except ConfigError as err:
             rows.append([path.parent.name, "-", "-", str(err), "-"])
             continue
-        study = load_study(record)
+        states = counts_text(state_counts(now.study))
         rows.append(
             [
                 record.name,
                 record.created.replace("T", " ")[:16],  # to the minute
-                f"{len(study.trials)}/{record.num_samples}",
-                counts_text(state_counts(study)),
-                best_summary(study),
+                f"{len(now.study.trials)}/{record.num_samples}",
+                f"{states}, interrupted" if now.interrupted else states,
+                best_summary(now.study),
             ]
         )
     return rows
