@@ -52,7 +52,7 @@ def check_gpus(gpus: int, available: int, where: str) -> None:
         raise ConfigError(f"--gpus is {gpus}, but {where} has {available} GPU(s)")
 
 
-def check_unused(storage: Path, name: str) -> None:
+def _check_unused(storage: Path, name: str) -> None:
     if (storage / name / RECORD_FILE).exists():
         raise ConfigError(f"a sweep named {name!r} exists; `orchestrate resume {name}` or --name")
 
@@ -70,13 +70,13 @@ def prepare(
     num_samples: int | None = None,
     max_concurrent: int | None = None,
 ) -> Iterator[SweepRecord]:
-    """Check the request, join the cluster (`address`) or take the sweep's driver lock and
-    start a local Ray; yields the sweep's record, to :func:`launch` within the block, which
-    holds the lock. Raises ConfigError before Ray starts (or, joining a cluster, before
-    anything is recorded)."""
+    """Check the request, join the cluster at `address` (if given), take the sweep's driver
+    lock, start a local Ray (if no `address`); yields the sweep's record, for :func:`launch`
+    within the block, which holds the lock. Raises ConfigError before Ray starts (or,
+    joining a cluster, before anything is recorded)."""
     preflight.check_name(name, "--name")
     storage = preflight.check_writable_dir(storage_path, "--storage")
-    check_unused(storage, name)
+    _check_unused(storage, name)
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples is {num_samples}, but must be >= 1")
     if num_samples and spec.search.sampler.kind == "grid" and num_samples > grid_size(spec):
@@ -101,7 +101,7 @@ def prepare(
         gpus = available if gpus is None else gpus
         check_gpus(gpus, available, f"the cluster at {address}")
     with driving(storage / name, advice="choose another --name"):
-        check_unused(storage, name)  # a launch of the same name may have ended meanwhile
+        _check_unused(storage, name)  # a launch of the same name may have ended meanwhile
         if address is None:
             init_ray(num_gpus=gpus)
         remember(tracking_uri)
