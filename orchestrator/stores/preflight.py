@@ -30,6 +30,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "check_name",
     "check_new_sweep",
+    "check_output_dir",
     "check_port_free",
     "check_stores",
     "check_study_of",
@@ -93,6 +94,12 @@ def check_writable_dir(path: str | Path, option: str) -> Path:
     if problem := _creatable_dir_problem(directory):
         raise ConfigError(f"{option} is {str(path)!r}, but {problem}")
     return directory
+
+
+def check_output_dir(output: str | Path | None, record: SweepRecord) -> Path:
+    """Where a command on `record` writes: its `--output` (checked as
+    :func:`check_writable_dir` checks it), else the sweep's directory."""
+    return check_writable_dir(output, "--output") if output else record.directory
 
 
 def _scheme(url: str) -> str:

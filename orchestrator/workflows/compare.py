@@ -26,7 +26,7 @@ from orchestrator.rendering import plots
 from orchestrator.rendering.tables import comparison_markdown, comparison_rows
 from orchestrator.selection.groups import GroupSummary, TrialResult, Verdict, judge, summarize
 from orchestrator.selection.trials import complete_trials
-from orchestrator.stores.preflight import check_writable_dir
+from orchestrator.stores.preflight import check_output_dir
 from orchestrator.stores.study import load_study
 from trainer import metrics as M
 from trainer.config import ConfigError, JobConfig
@@ -181,7 +181,7 @@ def compare(
     (not read from the cache)."""
     spec = record.spec()
     _check_key(spec, by)
-    directory = check_writable_dir(output_dir, "--output") if output_dir else record.directory
+    directory = check_output_dir(output_dir, record)
     finished = _finished_trials(record, spec, by)
     if not finished:
         raise ConfigError(f"sweep {record.name!r} has no finished trial to compare")

@@ -111,16 +111,15 @@ def promote(
         params = [Param(k, str(v)) for k, v in flatten(cfg.to_dict()).items()]
         client.log_batch(run_id, params=params)
         job = build_job(cfg)
-        final = fit(job, on_epoch=log_epoch) | model_metrics(job)
-        client.log_batch(
-            run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in model_metrics(job).items()]
-        )
+        trained = fit(job, on_epoch=log_epoch)
+        figures = model_metrics(job)
+        client.log_batch(run_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in figures.items()])
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(job, directory)
             client.log_artifacts(run_id, directory, artifact_path="checkpoint")
         model_uri, version = _log_model(record, run_id, job, register)
     usage = tuple(usage_lines(model_uri, mask(record.tracking_uri)))
-    return Promotion(run_id, final, model_uri, register, version, usage)
+    return Promotion(run_id, trained | figures, model_uri, register, version, usage)
 
 
 @contextlib.contextmanager

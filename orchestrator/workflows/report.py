@@ -6,7 +6,7 @@ from pathlib import Path
 
 from orchestrator.entities.sweep import SweepRecord
 from orchestrator.report.build import log_report, write_report
-from orchestrator.stores.preflight import check_writable_dir
+from orchestrator.stores.preflight import check_output_dir
 
 __all__ = ["report"]
 
@@ -14,7 +14,7 @@ __all__ = ["report"]
 def report(record: SweepRecord, output_dir: str | Path | None = None) -> Path:
     """Write ``report.html`` into `output_dir` (the sweep's directory by default), log it to
     the sweep's parent run, and return its path."""
-    directory = check_writable_dir(output_dir, "--output") if output_dir else record.directory
+    directory = check_output_dir(output_dir, record)
     path = write_report(record, directory)
     log_report(record, path)
     return path

@@ -3,6 +3,7 @@ and ``resume`` show. Only reads; imports neither Ray nor MLflow nor torch."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,14 @@ __all__ = ["SweepStatus", "open_sweep", "sweep_rows", "sweep_status"]
 
 @dataclass(frozen=True)
 class SweepStatus:
-    """A recorded sweep with its space and its study as they are now."""
+    """A recorded sweep with its study as it is now (and its space, read when asked for)."""
 
     record: SweepRecord
-    spec: SpaceSpec
     study: optuna.Study
+
+    @functools.cached_property
+    def spec(self) -> SpaceSpec:
+        return self.record.spec()
 
     @property
     def finished(self) -> bool:
@@ -59,7 +63,7 @@ def open_sweep(
 
 
 def sweep_status(record: SweepRecord) -> SweepStatus:
-    return SweepStatus(record, record.spec(), load_study(record))
+    return SweepStatus(record, load_study(record))
 
 
 def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> list[list[str]]:
