@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from orchestrator.entities.env import STUDY_STORAGE, SWEEP_STORAGE, TRACKING_URI
-from orchestrator.entities.errors import StoreUnavailable
+from orchestrator.entities.errors import ClusterUnavailable, StoreUnavailable
 from orchestrator.rendering.console import console
 from trainer.config import ConfigError
 from trainer.data.errors import DataError
@@ -138,7 +138,8 @@ def on_interrupt(message: str) -> Iterator[None]:
 
 def fail_on_input_errors(fn: F) -> F:
     """Turn ConfigError/DataError raised by a command into exit status 2, and a store whose
-    wait ran out (StoreUnavailable) into its one line and exit status 1."""
+    wait ran out (StoreUnavailable) or a local Ray that did not start (ClusterUnavailable)
+    into its one line and exit status 1."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -146,7 +147,7 @@ def fail_on_input_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (ConfigError, DataError) as err:
             raise InputError(str(err)) from None
-        except StoreUnavailable as err:
+        except (ClusterUnavailable, StoreUnavailable) as err:
             raise click.ClickException(str(err)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -7,9 +7,9 @@ those loggers, ``sys.stdout``/``sys.stderr`` and Python warnings all write to
 ``<sweep>/sweep.log``; the project's own console keeps the real terminal.
 
 Until the sweep is recorded (the caller calls the ``release`` it is given) the output is
-held in memory, so a request refused after joining a cluster (bad input) leaves no
-directory behind; if the command fails for another reason before then, the held lines are
-printed on stderr rather than lost.
+held in memory, so a request refused after joining a cluster (bad input) or a local Ray
+that does not start leaves no directory behind; if the command fails for another reason
+before then, the held lines are printed on stderr rather than lost.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from orchestrator.entities.errors import ClusterUnavailable
 from orchestrator.rendering.console import console
 from trainer.config import ConfigError
 
@@ -89,8 +90,8 @@ def library_output_to(path: Path, *, verbose: bool = False) -> Iterator[Callable
         ):
             logging.captureWarnings(True)
             yield stream.release
-    except ConfigError:
-        raise  # bad input: its one line says it all
+    except (ConfigError, ClusterUnavailable):
+        raise  # bad input, or Ray's reason for not starting: its one line says it all
     except BaseException:
         terminal_stderr.write(stream.held.getvalue())  # empty once released
         raise

@@ -3,7 +3,11 @@ them costs nothing (as ``trainer.data.errors`` does for ``DataError``)."""
 
 from __future__ import annotations
 
-__all__ = ["StoreUnavailable"]
+__all__ = ["ClusterUnavailable", "StoreUnavailable"]
+
+
+class ClusterUnavailable(RuntimeError):
+    """A local Ray did not start (its message: one line, with Ray's reason)."""
 
 
 class StoreUnavailable(RuntimeError):

@@ -12,6 +12,7 @@ import ray
 from ray._private import ray_constants
 from ray._private.services import canonicalize_bootstrap_address_or_die
 
+from orchestrator.entities.errors import ClusterUnavailable
 from orchestrator.entities.names import LOCAL_HOST
 from orchestrator.stores.preflight import CONNECT_TIMEOUT_S, error_reason
 from trainer.config import ConfigError
@@ -31,7 +32,7 @@ def init_ray(
     address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None
 ) -> None:
     """Join the cluster at `address`, or start a local Ray whose processes listen on
-    127.0.0.1 only."""
+    127.0.0.1 only (ClusterUnavailable, one line, when it does not start)."""
     if ray.is_initialized():
         return
     if address:
@@ -52,8 +53,18 @@ def init_ray(
             log_to_driver=False,
             _node_ip_address=LOCAL_HOST,
         )
+    except Exception as err:  # Ray raises bare Exception, OSError, RuntimeError, ...
+        raise ClusterUnavailable(_start_failure(err)) from err
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_enabled
+
+
+def _start_failure(err: Exception) -> str:
+    """One line on why a local Ray did not start: Ray's reason, and the way out of the usual
+    one seen (a temp dir too deep for the unix sockets Ray puts in it)."""
+    reason = error_reason(err)
+    advice = "; set RAY_TMPDIR to a shorter directory" if "AF_UNIX path length" in reason else ""
+    return f"a local Ray did not start: {reason}{advice}"
 
 
 def join_ray(address: str) -> None:

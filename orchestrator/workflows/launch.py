@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.entities.credentials import mask, remember
+from orchestrator.entities.errors import ClusterUnavailable
 from orchestrator.entities.names import RECORD_FILE, STUDY_FILE, SWEEP_TAG
 from orchestrator.entities.space import SpaceSpec, grid_size, sweep_params
 from orchestrator.entities.sweep import DEFAULT_STORAGE, SweepRecord
@@ -73,7 +74,8 @@ def prepare(
     """Check the request, join the cluster at `address` (if given), take the sweep's driver
     lock, start a local Ray (if no `address`); yields the sweep's record, for :func:`launch`
     within the block, which holds the lock. Raises ConfigError before Ray starts (or,
-    joining a cluster, before anything is recorded)."""
+    joining a cluster, before anything is recorded); ClusterUnavailable when a local Ray
+    does not start, leaving no sweep directory that was not there before."""
     preflight.check_name(name, "--name")
     storage = preflight.check_writable_dir(storage_path, "--storage")
     _check_unused(storage, name)
@@ -100,10 +102,17 @@ def prepare(
         available = int(ray.cluster_resources().get("GPU", 0))
         gpus = available if gpus is None else gpus
         check_gpus(gpus, available, f"the cluster at {address}")
-    with driving(storage / name, advice="choose another --name"):
+    directory = storage / name
+    new_directory = not directory.exists()
+    with driving(directory, advice="choose another --name"):
         _check_unused(storage, name)  # a launch of the same name may have ended meanwhile
         if address is None:
-            init_ray(num_gpus=gpus)
+            try:
+                init_ray(num_gpus=gpus)
+            except ClusterUnavailable:
+                if new_directory:  # it holds only the lock: the failed launch leaves no trace
+                    shutil.rmtree(directory)
+                raise
         remember(tracking_uri)
         remember(study_storage)
         yield SweepRecord(
