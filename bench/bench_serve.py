@@ -83,7 +83,9 @@ from trainer.serving import log_servable_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cifar10_jpeg import cifar10_jpeg  # the tests' data helper
 
-THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
+# Finer where accuracy comes within 0.5 points of the full network's (0.875 since run 12,
+# whose fastest threshold there lay between 0.85 and 0.9).
+THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.95]
 
 
 def job_config(root: Path, args) -> JobConfig:
