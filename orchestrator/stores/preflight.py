@@ -12,10 +12,10 @@ a database table or a Ray process.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 import sqlite3
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -76,13 +76,17 @@ def check_name(name: str, option: str) -> None:
 
 
 def _creatable_dir_problem(path: Path) -> str | None:
-    """Why `path` cannot be (or become) a writable directory, or None."""
+    """Why `path` cannot be (or become) a writable directory, or None. Writing is tried (an
+    empty directory made and removed at once): `os.access` lets root through where the
+    kernel refuses it all the same (/proc, /sys, an NFS export that squashes root)."""
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".writable-").cleanup()
+    except OSError:
         return f"{existing} is not writable"
     return None
 
