@@ -88,8 +88,9 @@ class SweepProgress(MaskedWhenPickled, Callback):
         )
 
     def _draw(self, trials: list, *, last: bool = False) -> None:
-        """Redraw the live line on a terminal (the `last` time in any case); elsewhere (a
-        pipe, a log) only the final line is printed, whole, at the end."""
+        """Redraw the live line on a terminal (the `last` time in any case, and whole, folded
+        onto more lines if it must); elsewhere (a pipe, a log) only the final line is printed,
+        whole, at the end."""
         now = time.monotonic()
         if not console.is_terminal or (now - self._drawn < 1 / REDRAWS_PER_S and not last):
             return
@@ -105,7 +106,7 @@ class SweepProgress(MaskedWhenPickled, Callback):
             )
             self._live.start()
         text = Text.from_markup(self.line(trials), overflow="ellipsis")
-        text.no_wrap = True  # one line, cut to the terminal's width
+        text.no_wrap = not last  # one line cut to the terminal's width; whole when it is the last
         self._live.update(text, refresh=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
