@@ -95,6 +95,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ui_listens_on_loopback_and_gets_the_store_url_by_environment(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a password would travel the same way
+    (tmp_path / "mlflow.db").touch()  # an empty database: the UI refuses a missing one
     port = _free_port()
     command = [str(Path(sys.executable).with_name("orchestrate")), "ui", "--port", str(port)]
     ui = subprocess.Popen(

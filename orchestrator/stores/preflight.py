@@ -28,6 +28,7 @@ from trainer.config import ConfigError
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "check_existing_store",
     "check_name",
     "check_new_sweep",
     "check_output_dir",
@@ -218,17 +219,19 @@ def check_study_storage(url: str, option: str = "--study-storage") -> None:
 def check_stores(record: SweepRecord) -> None:
     """The recorded sweep's tracking store and study storage answer (see
     :func:`check_study_of`)."""
-    _check_recorded(record.tracking_uri, "the sweep's tracking URI", check_tracking_uri)
+    check_existing_store(record.tracking_uri, "the sweep's tracking URI", check_tracking_uri)
     check_study_of(record)
 
 
 def check_study_of(record: SweepRecord) -> None:
     """The recorded sweep's study storage answers; a SQLite one must exist (opening a
     missing one would create an empty database)."""
-    _check_recorded(record.study_storage, "the sweep's study storage", check_study_storage)
+    check_existing_store(record.study_storage, "the sweep's study storage", check_study_storage)
 
 
-def _check_recorded(url: str, option: str, check: Callable[[str, str], None]) -> None:
+def check_existing_store(url: str, option: str, check: Callable[[str, str], None]) -> None:
+    """`check` the store at `url`, which, where it is a SQLite file, must exist: a reader
+    opening a missing one would create an empty database."""
     if _scheme(url) == "sqlite" and not sqlite_file(url).exists():
         raise ConfigError(f"{option} is {url!r}, but {sqlite_file(url)} does not exist")
     check(url, option)

@@ -6,7 +6,11 @@ import os
 import sys
 
 from orchestrator.entities.credentials import mask
-from orchestrator.stores.preflight import check_port_free, check_tracking_uri
+from orchestrator.stores.preflight import (
+    check_existing_store,
+    check_port_free,
+    check_tracking_uri,
+)
 from orchestrator.stores.tracking.runs import resolve_tracking_uri
 from trainer.config import ConfigError
 
@@ -14,12 +18,12 @@ __all__ = ["exec_mlflow_ui", "ui_store"]
 
 
 def ui_store(tracking_uri: str | None, host: str, port: int) -> str:
-    """The tracking store the UI will read (a database; a tracking server has its own UI),
-    once it and the UI's address are checked."""
+    """The tracking store the UI will read (a database that exists: MLflow would create an
+    empty one; a tracking server has its own UI), once it and the UI's address are checked."""
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         raise ConfigError(f"{mask(uri)} is a tracking server with a UI of its own: open it")
-    check_tracking_uri(uri)
+    check_existing_store(uri, "--tracking-uri", check_tracking_uri)
     check_port_free(host, port)
     return uri
 
