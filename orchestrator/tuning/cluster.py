@@ -59,10 +59,14 @@ def init_ray(
         ray_constants.ENABLE_RAY_CLUSTER = cluster_enabled
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _start_failure(err: Exception) -> str:
-    """One line on why a local Ray did not start: Ray's reason, and the way out of the usual
-    one seen (a temp dir too deep for the unix sockets Ray puts in it)."""
-    reason = error_reason(err)
+    """One line on why a local Ray did not start: Ray's reason, with the way out where it is
+    a temp dir too deep for the unix sockets Ray puts there."""
+    reason = _first_line(err)
     advice = "; set RAY_TMPDIR to a shorter directory" if "AF_UNIX path length" in reason else ""
     return f"a local Ray did not start: {reason}{advice}"
 
@@ -73,8 +77,7 @@ def join_ray(address: str) -> None:
     try:
         init_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {_first_line(err)}") from None
 
 
 def _host_port(address: str) -> tuple[str, int]:
