@@ -79,7 +79,7 @@ def check_name(name: str, option: str) -> None:
 def _creatable_dir_problem(path: Path) -> str | None:
     """Why `path` cannot be (or become) a writable directory, or None. Writing is tried (an
     empty directory made and removed at once): `os.access` lets root through where the
-    kernel refuses it all the same (/proc, /sys, an NFS export that squashes root)."""
+    kernel refuses it all the same (/proc, /sys)."""
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -122,7 +122,7 @@ def _read_only(path: Path) -> sqlite3.Connection:
 
 
 def _check_sqlite(url: str, option: str) -> None:
-    """An existing SQLite database, or a file that can be created; nothing is created here."""
+    """An existing SQLite database, or a file that can be created; nothing is left here."""
     if url.partition("://")[2].removeprefix("/") in ("", ":memory:"):
         raise ConfigError(f"{option} is {url!r}, but an in-memory database keeps nothing")
     path = sqlite_file(url)
