@@ -397,7 +397,7 @@ def test_a_moved_sweep_is_read_where_it_is_and_nothing_is_written_where_it_was(
         status = CliRunner().invoke(main, ["status", NAME, *storage])
         assert status.exit_code == 0, status.output
         assert f"{NUM_SAMPLES}/{NUM_SAMPLES} trials" in status.output
-        assert sweep_rows(moved)[0][2] == f"{NUM_SAMPLES}/{NUM_SAMPLES}"
+        assert sweep_rows(moved)[0][2].startswith(f"{NUM_SAMPLES}/{NUM_SAMPLES}: ")
         report = CliRunner().invoke(main, ["report", NAME, *storage])
         assert report.exit_code == 0, report.output
         assert f"wrote {moved / NAME / 'report.html'}" in report.output
@@ -414,7 +414,7 @@ def test_a_moved_sweep_is_read_where_it_is_and_nothing_is_written_where_it_was(
             f"Error: the sweep's study storage is 'sqlite:///{study_file}', but {study_file} "
             "does not exist\n"
         )
-        assert sweep_rows(moved)[0][3].endswith(f"{study_file} does not exist")
+        assert sweep_rows(moved)[0][2].endswith(f"{study_file} does not exist")
         assert not study_file.exists()
     finally:
         shutil.rmtree(record.directory, ignore_errors=True)

@@ -89,7 +89,7 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
     storage = ["--storage", str(tmp_path / "sweeps")]
     running = CliRunner().invoke(main, ["status", "cut", *storage])
     assert running.exit_code == 0 and "no process runs it" not in running.output
-    assert not sweep_rows(tmp_path / "sweeps")[0][3].endswith("interrupted")
+    assert not sweep_rows(tmp_path / "sweeps")[0][2].endswith("interrupted")
     second = CliRunner().invoke(main, ["resume", "cut", *storage])
     assert second.exit_code == 2, second.output
     assert second.output == (
@@ -105,7 +105,7 @@ def test_resume_finishes_an_interrupted_sweep(local_ray, tmp_path, presses):
     assert "Aborted!" not in output and "Traceback" not in output
     stopped = CliRunner().invoke(main, ["status", "cut", *storage])
     assert "no process runs it now: `orchestrate resume cut` continues it" in stopped.output
-    assert sweep_rows(tmp_path / "sweeps")[0][3].endswith(", interrupted")  # the listing
+    assert sweep_rows(tmp_path / "sweeps")[0][2].endswith(", interrupted")  # the listing
 
     record = SweepRecord.load("cut", tmp_path / "sweeps")
     assert _finished_trials(tmp_path, "cut") < NUM_SAMPLES

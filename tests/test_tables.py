@@ -74,11 +74,27 @@ def test_a_group_of_one_trial_shows_its_value_without_a_spread():
     assert mate == ["mate", "1", "0.8125"]
 
 
-def test_a_narrow_sweeps_listing_shows_each_name_whole():
-    name = "mate_cifar10_anytime-20261207-162257"
-    best = "best val/mean_exit_acc 0.9686 (trial 0)"
-    row = [name, "2026-12-07 16:22", "8/8", "complete 1\npruned 7", best]
-    console = Console(width=80, record=True, color_system=None)
-    console.print(sweeps_table("sweeps in sweeps", [row]))
-    text = console.export_text()
-    assert any(name in line for line in text.splitlines()), text
+def _listing(row: list[str], width: int) -> list[str]:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(sweeps_table("sweeps in sweeps", [row], width=width))
+    return console.export_text().splitlines()
+
+
+BEST = "best val/mean_exit_acc 0.9686 (trial 0)"
+
+
+def test_a_wide_sweeps_listing_shows_each_row_on_one_line():
+    row = ["mate_digits-20261208-013704", "2026-12-08 01:37", "8/8: complete 1 pruned 7", BEST]
+    lines = _listing(row, width=120)
+    assert any(all(cell in line for cell in row) for line in lines), "\n".join(lines)
+
+
+def test_a_sweeps_listing_at_80_columns_breaks_no_word_nor_name():
+    name = "mate_cifar10_anytime-20261207-162257"  # the longest default name of the spaces
+    row = [name, "2026-12-07 16:22", "8/8: complete 1 pruned 6, interrupted", BEST]
+    lines = _listing(row, width=80)
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
+    assert cells[0][0] == name, "\n".join(lines)
+    words = {word for cell in cells for text in cell for word in text.split()}
+    # the metric breaks after its "/" and "_", where the trials table's headers break
+    assert {"val/", "mean_exit_", "acc", "0.9686", "interrupted", "2026-12-07"} <= words, words

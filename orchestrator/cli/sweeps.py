@@ -197,7 +197,8 @@ def status(
 
     full_urls = [tracking_uri, study_storage]
     if name is None:
-        console.print(sweeps_table(f"sweeps in {storage}", sweep_rows(storage, full_urls)))
+        rows = sweep_rows(storage, full_urls)
+        console.print(sweeps_table(f"sweeps in {storage}", rows, width=console.width))
         return
     now = sweep_status(open_sweep(name, storage, full_urls, study_only=True))
     console.print(trials_table(now.study, now.spec.search.metric, title=f"sweep {name}"))

@@ -36,7 +36,7 @@ __all__ = [
     "value_text",
 ]
 
-SWEEPS_COLUMNS = ("name", "created", "trials", "states", "best")
+SWEEPS_COLUMNS = ("name", "created", "trials", "best")
 _STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
 
 
@@ -135,26 +135,67 @@ def _objective_header(metric: str, width: int = 11) -> str:
     """``val/anytime_gflops`` -> ``val/``, ``anytime_``, ``gflops`` on lines of at most `width`
     characters (broken after ``/`` and ``_``), so that the objectives' columns are as narrow
     as their values and the parameters keep the room."""
+    return _break_after_separators(metric, width)
+
+
+def _break_after_separators(text: str, width: int) -> str:
+    """`text` on lines of at most `width` characters where it can be broken after a ``/`` or
+    a ``_`` (a longer piece keeps its line)."""
     lines = [""]
-    for part in re.split(r"(?<=[/_])", metric):
+    for part in re.split(r"(?<=[/_])", text):
         if lines[-1] and len(lines[-1]) + len(part) > width:
             lines.append("")
         lines[-1] += part
     return "\n".join(lines)
 
 
-def sweeps_table(title: str, rows: Iterable[Sequence[str]]) -> Table:
+def sweeps_table(title: str, rows: Iterable[Sequence[str]], width: int | None = None) -> Table:
     """One row per sweep, its cells in the order of :data:`SWEEPS_COLUMNS`; the name, which
-    the other commands take, is never wrapped or cut short."""
-    rows = list(rows)
+    the other commands take, is never wrapped or cut short. A table wider than `width` (a
+    terminal's) breaks its best cells' metric names after their ``/`` and ``_``, as the
+    trials table's headers do, and wraps each column between words where they fit."""
+    rows = [list(row) for row in rows]
+    widths = _wrapped_widths([SWEEPS_COLUMNS, *rows], width) if width else None
+    if widths is None and width:
+        for row in rows:
+            row[-1] = _break_after_separators(row[-1], width=11)
+        widths = _wrapped_widths([SWEEPS_COLUMNS, *rows], width)
     table = Table(title=title)
     name_width = max((len(row[0]) for row in rows), default=4)
     table.add_column(SWEEPS_COLUMNS[0], no_wrap=True, min_width=name_width)
-    for column in SWEEPS_COLUMNS[1:]:
-        table.add_column(column, overflow="fold")  # a long metric name folds, not cut short
+    for index, column in enumerate(SWEEPS_COLUMNS[1:], start=1):
+        # a word longer than its column folds, never cut short
+        table.add_column(column, overflow="fold", width=widths and widths[index])
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _wrapped_widths(rows: Sequence[Sequence[str]], width: int) -> list[int | None] | None:
+    """Column widths for `rows` (the first column never wrapped) in a bordered table of at
+    most `width` characters that breaks lines only between words: all None where the rows
+    fit unwrapped; else each column's longest word, plus an even share of the room left (at
+    most what its longest line needs more, the rest to the others); None where the words do
+    not fit.
+    (Rich's own narrowing shares the shortfall evenly, and folds a word it could keep.)"""
+    columns = list(zip(*rows, strict=True))
+    lines = [[line for cell in column for line in cell.splitlines()] for column in columns]
+    longest = [max(map(len, column)) for column in lines]
+    words = [max(len(word) for line in column for word in line.split()) for column in lines]
+    words[0] = longest[0]
+    room = width - (3 * len(columns) + 1) - sum(words)  # borders and padding take the rest
+    if room >= sum(longest) - sum(words):
+        return [None] * len(columns)
+    if room < 0:
+        return None
+    wants = [most - least for most, least in zip(longest, words, strict=True)]
+    widths = list(words)
+    by_want = sorted(range(len(wants)), key=wants.__getitem__)
+    for done, index in enumerate(by_want):  # the least wanting first: each may end whole
+        share = min(wants[index], room // (len(wants) - done))
+        widths[index] += share
+        room -= share
+    return widths
 
 
 def _metric_header(metric: str) -> str:

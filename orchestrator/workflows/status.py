@@ -68,9 +68,10 @@ def sweep_status(record: SweepRecord) -> SweepStatus:
 
 def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> list[list[str]]:
     """One row per sweep found under `storage`, in the columns of
-    :data:`orchestrator.rendering.tables.SWEEPS_COLUMNS`; its states end with
-    ``interrupted`` when no process runs an unfinished sweep (`resume` continues it); a
-    sweep whose record cannot be read, or whose study does not answer, says why."""
+    :data:`orchestrator.rendering.tables.SWEEPS_COLUMNS`; its trials cell (``8/8: complete 6
+    pruned 2``) ends with ``interrupted`` when no process runs an unfinished sweep (`resume`
+    continues it); a sweep whose record cannot be read, or whose study does not answer,
+    says why there."""
     rows = []
     full_urls = list(full_urls)
     for path in sorted(Path(storage).glob(f"*/{RECORD_FILE}")):
@@ -79,15 +80,15 @@ def sweep_rows(storage: str | Path, full_urls: Iterable[str | None] = ()) -> lis
             check_study_of(record)
             now = sweep_status(record)
         except ConfigError as err:
-            rows.append([path.parent.name, "-", "-", str(err), "-"])
+            rows.append([path.parent.name, "-", str(err), "-"])
             continue
-        states = counts_text(state_counts(now.study))
+        trials = f"{len(now.study.trials)}/{record.num_samples}: "
+        trials += counts_text(state_counts(now.study))
         rows.append(
             [
                 record.name,
                 record.created.replace("T", " ")[:16],  # to the minute
-                f"{len(now.study.trials)}/{record.num_samples}",
-                f"{states}, interrupted" if now.interrupted else states,
+                f"{trials}, interrupted" if now.interrupted else trials,
                 best_summary(now.study),
             ]
         )
