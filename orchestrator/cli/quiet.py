@@ -90,8 +90,8 @@ def library_output_to(path: Path, *, verbose: bool = False) -> Iterator[Callable
         ):
             logging.captureWarnings(True)
             yield stream.release
-    except (ConfigError, ClusterUnavailable):
-        raise  # bad input, or Ray's reason for not starting: its one line says it all
+    except (ConfigError, ClusterUnavailable, SystemExit):
+        raise  # bad input, Ray's reason for not starting, Ctrl-C's line: one line says it all
     except BaseException:
         terminal_stderr.write(stream.held.getvalue())  # empty once released
         raise

@@ -84,17 +84,20 @@ def launch(
     name = name or sweep_name_for(space_file)
     log_path = Path(storage).resolve() / name / LOG_FILE
     with library_output_to(log_path, verbose=verbose) as release_log:
-        with launching.prepare(
-            spec,
-            name=name,
-            storage_path=storage,
-            tracking_uri=tracking_uri,
-            study_storage=study_storage,
-            gpus=gpus,
-            address=address,
-            num_samples=num_samples,
-            max_concurrent=max_concurrent,
-        ) as record:
+        with (
+            on_interrupt("interrupted before the sweep started; nothing was recorded"),
+            launching.prepare(
+                spec,
+                name=name,
+                storage_path=storage,
+                tracking_uri=tracking_uri,
+                study_storage=study_storage,
+                gpus=gpus,
+                address=address,
+                num_samples=num_samples,
+                max_concurrent=max_concurrent,
+            ) as record,
+        ):
             release_log()  # the request is sound: from here on the sweep has a directory
             say(
                 f"sweep {record.name}: {record.num_samples} trials of {spec.source} on "

@@ -75,7 +75,8 @@ def prepare(
     lock, start a local Ray (if no `address`); yields the sweep's record, for :func:`launch`
     within the block, which holds the lock. Raises ConfigError before Ray starts (or,
     joining a cluster, before anything is recorded); ClusterUnavailable when a local Ray
-    does not start, leaving no sweep directory that was not there before."""
+    does not start. A local Ray that does not start, or Ctrl-C while it starts, leaves no
+    sweep directory that was not there before."""
     preflight.check_name(name, "--name")
     storage = preflight.check_writable_dir(storage_path, "--storage")
     _check_unused(storage, name)
@@ -109,8 +110,8 @@ def prepare(
         if address is None:
             try:
                 init_ray(num_gpus=gpus)
-            except ClusterUnavailable:
-                if new_directory:  # it holds only the lock: the failed launch leaves no trace
+            except (ClusterUnavailable, KeyboardInterrupt):
+                if new_directory:  # it holds only the lock: the launch leaves no trace
                     shutil.rmtree(directory)
                 raise
         remember(tracking_uri)
