@@ -1,5 +1,6 @@
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.cli.options import EXIT_INTERRUPTED
+from orchestrator.entities.sweep import SweepRecord
 from sweep_helpers import interruptible
 from trainer import metrics as M
 
@@ -124,3 +126,38 @@ def test_train_interrupted_ends_130_and_writes_nothing(tmp_path):
     assert output.rstrip().endswith(f"interrupted: nothing written to {out}"), output
     assert "Traceback" not in output and "Aborted!" not in output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_ctrl_c_while_a_command_waits_for_a_store_ends_130(tmp_path):
+    """Ctrl-C where no command has its own message (here `status`, waiting for a study
+    storage that takes the connection and never answers): one line, status 130."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    storage = tmp_path / "sweeps"
+    (storage / "s").mkdir(parents=True)
+    SweepRecord(
+        name="s",
+        storage_path=str(storage),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment_id="1",
+        parent_run_id="0",
+        study_storage=f"postgresql://postgres@127.0.0.1:{port}/optuna",
+        gpus=0,
+        address=None,
+        max_concurrent=None,
+        num_samples=4,
+        created="2026-12-08T02:00:00",
+    ).save()
+    orchestrate = str(Path(sys.executable).with_name("orchestrate"))
+    process = subprocess.Popen(
+        interruptible([orchestrate, "status", "--storage", str(storage)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server.settimeout(60)
+    with server, server.accept()[0]:  # the command is connecting: it waits for an answer
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert (stdout, stderr) == ("interrupted\n", "")

@@ -59,7 +59,14 @@ class Command(click.Command):
 
 
 class Group(click.Group):
+    """Usage errors as one line; Ctrl-C where no command says more ends with ``interrupted``
+    and exit status 130 (click would print "Aborted!" and exit 1)."""
+
     command_class = Command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with on_interrupt("interrupted"):
+            return super().invoke(ctx)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
