@@ -8,6 +8,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -33,6 +34,24 @@ def interruptible(command: Sequence[str]) -> list[str]:
     interrupts it: tests run in the background (`make test &`, some CI runners) inherit
     SIGINT ignored, and a Python started so never raises KeyboardInterrupt. Same pid."""
     return [sys.executable, "-c", _SIGINT_DEFAULT, *command]
+
+
+def sweep_record(root: Path, name: str, study_storage: str | None = None) -> SweepRecord:
+    """A record of a sweep `name` in `root`/sweeps with SQLite stores in `root` (or the study
+    in `study_storage`); nothing is written."""
+    return SweepRecord(
+        name=name,
+        storage_path=str(root / "sweeps"),
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        experiment_id="1",
+        parent_run_id="parent",
+        study_storage=study_storage or f"sqlite:///{root / 'optuna.db'}",
+        gpus=0,
+        address=None,
+        max_concurrent=None,
+        num_samples=4,
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
 
 
 def short_digits_space(directory: Path, *, max_epochs: int = 4, num_samples: int = 8) -> Path:

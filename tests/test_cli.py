@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.cli.options import EXIT_INTERRUPTED
-from orchestrator.entities.sweep import SweepRecord
-from sweep_helpers import interruptible
+from sweep_helpers import interruptible, sweep_record
 from trainer import metrics as M
 
 TINY = """
@@ -133,24 +132,12 @@ def test_ctrl_c_while_a_command_waits_for_a_store_ends_130(tmp_path):
     storage that takes the connection and never answers): one line, status 130."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
-    storage = tmp_path / "sweeps"
-    (storage / "s").mkdir(parents=True)
-    SweepRecord(
-        name="s",
-        storage_path=str(storage),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        experiment_id="1",
-        parent_run_id="0",
-        study_storage=f"postgresql://postgres@127.0.0.1:{port}/optuna",
-        gpus=0,
-        address=None,
-        max_concurrent=None,
-        num_samples=4,
-        created="2026-12-08T02:00:00",
-    ).save()
+    record = sweep_record(tmp_path, "s", f"postgresql://postgres@127.0.0.1:{port}/optuna")
+    record.directory.mkdir(parents=True)
+    record.save()
     orchestrate = str(Path(sys.executable).with_name("orchestrate"))
     process = subprocess.Popen(
-        interruptible([orchestrate, "status", "--storage", str(storage)]),
+        interruptible([orchestrate, "status", "--storage", record.storage_path]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,16 +8,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from orchestrator.entities.names import SPACE_COPY
 from orchestrator.entities.space import load_space
-from orchestrator.entities.sweep import SweepRecord
 from orchestrator.stores.study import open_study
-from sweep_helpers import DIGITS_SPACE
+from sweep_helpers import DIGITS_SPACE, sweep_record
 
 HEAVY = ("torch", "ray", "mlflow", "optuna", "alembic")
 # Runs `orchestrate ARGS...` and prints the heavy libraries it loaded, also when it exits.
@@ -45,19 +43,7 @@ def loaded(*args: str, cwd: Path) -> set[str]:
 def storage(tmp_path_factory) -> Path:
     """A storage directory holding one recorded sweep (its study, no trials yet)."""
     root = tmp_path_factory.mktemp("light")
-    record = SweepRecord(
-        name="light",
-        storage_path=str(root / "sweeps"),
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        experiment_id="1",
-        parent_run_id="parent",
-        study_storage=f"sqlite:///{root / 'optuna.db'}",
-        gpus=0,
-        address=None,
-        max_concurrent=None,
-        num_samples=4,
-        created=datetime.now().isoformat(timespec="seconds"),
-    )
+    record = sweep_record(root, "light")
     record.directory.mkdir(parents=True)
     shutil.copyfile(DIGITS_SPACE, record.directory / SPACE_COPY)
     open_study(load_space(DIGITS_SPACE), record.study_storage, record.name)
