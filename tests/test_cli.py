@@ -148,3 +148,11 @@ def test_ctrl_c_while_a_command_waits_for_a_store_ends_130(tmp_path):
         stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == EXIT_INTERRUPTED, stderr
     assert (stdout, stderr) == ("interrupted\n", "")
+
+
+def test_the_command_list_says_each_command_whole_at_80_columns(runner):
+    result = runner.invoke(main, ["--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("Commands:\n")[1].splitlines()
+    assert sorted(line.split()[0] for line in listed) == sorted(main.commands)
+    assert all(len(line) <= 80 and not line.endswith("...") for line in listed), listed

@@ -32,7 +32,9 @@ from orchestrator.rendering.console import console
 __all__ = ["compare", "launch", "promote", "report", "resume", "status"]
 
 
-@click.command(cls=Command)
+@click.command(
+    cls=Command, short_help="Run a sweep: Optuna samples and prunes, Ray runs, MLflow records."
+)
 @click.option("--space", "space_file", required=True, metavar="FILE", help="Search space (YAML).")
 @click.option(
     "--gpus",
@@ -117,7 +119,7 @@ def launch(
         _finish(record)
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Continue an interrupted sweep.")
 @click.argument("name", metavar="NAME")
 @storage_option
 @verbose_option
@@ -184,7 +186,9 @@ def _runs_url(experiment_id: str, port: int = 5000) -> str:
     )
 
 
-@click.command(cls=Command)
+@click.command(
+    cls=Command, short_help="Trials, states and best so far of a sweep (or of every sweep)."
+)
 @click.argument("name", required=False, metavar="NAME")
 @storage_option
 @stored_urls_options
@@ -213,7 +217,7 @@ def status(
     say(f"MLflow: {mask(now.record.tracking_uri)}, parent run {now.record.parent_run_id}")
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Retrain a finished trial on train+val and log its model.")
 @click.argument("name", metavar="NAME")
 @click.option("--epochs", type=int, metavar="N", help="Final schedule. [default: base config's]")
 @click.option("--register", metavar="MODEL_NAME", help="Register the model; alias `champion`.")
@@ -276,7 +280,7 @@ def promote(
         console.print(line, markup=False, soft_wrap=True)  # "[N, C, H, W]" is no markup
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Write the sweep's HTML report and log it to MLflow.")
 @click.argument("name", metavar="NAME")
 @click.option(
     "--output",
@@ -300,7 +304,7 @@ def report(
     say(f"wrote {path} (also logged to MLflow run {record.parent_run_id})")
 
 
-@click.command(cls=Command)
+@click.command(cls=Command, short_help="Test accuracy per exit, grouped by a config key, judged.")
 @click.argument("name", metavar="NAME")
 @click.option(
     "--by", "by", required=True, metavar="KEY", help="Config key to group trials by (loss.kind)."
