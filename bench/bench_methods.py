@@ -98,7 +98,7 @@ def main() -> None:
         f"batch 128, SGD lr 0.1 cosine; seeds {seeds}; each kind at its defaults; sweep "
         f"{sweep_minutes:.1f} min, 2 trials at a time; test: 10,000 images"
     )
-    console.print(comparison_table(comparison.rows(), comparison.title))
+    console.print(comparison_table(comparison.rows(), comparison.title, width=console.width))
     print("wrote " + ", ".join(str(path) for path in comparison.files))
 
 

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from orchestrator.rendering.tables import (
     comparison_rows,
+    comparison_table,
     params_text,
     sweeps_table,
     trials_table,
@@ -98,3 +99,15 @@ def test_a_sweeps_listing_at_80_columns_breaks_no_word_nor_name():
     words = {word for cell in cells for text in cell for word in text.split()}
     # the metric breaks after its "/" and "_", where the trials table's headers break
     assert {"val/", "mean_exit_", "acc", "0.9686", "interrupted", "2026-12-07"} <= words, words
+
+
+def test_a_comparison_at_80_columns_keeps_each_group_and_header_word_whole():
+    metrics = ["test/exit1/acc", "test/exit2/acc", "test/ensemble/acc", "test/mean_exit_acc"]
+    metrics += ["test/anytime_auc", "train/exit2/acc"]
+    results = [TrialResult(0, "attention", 0, dict.fromkeys(metrics, 0.9666))]
+    rows = comparison_rows(summarize(results, metrics), metrics, {}, None)
+    console = Console(width=80, record=True, color_system=None)
+    console.print(comparison_table(rows, "test accuracy by loss.teacher_weights", width=80))
+    text = console.export_text()
+    words = set(text.translate(str.maketrans("┃│", "  ")).split())  # cells' words, headers'
+    assert {"attention", "ensemble", "anytime", "(train)", "0.9666"} <= words, text

@@ -340,5 +340,5 @@ def compare(
     comparison = compare_sweep(
         record, by, against, output, on_evaluate=lambda n: say(f"trial {n}: evaluating on test")
     )
-    console.print(comparison_table(comparison.rows(), comparison.title))
+    console.print(comparison_table(comparison.rows(), comparison.title, width=console.width))
     say("wrote " + ", ".join(str(path) for path in comparison.files))

@@ -155,11 +155,11 @@ def sweeps_table(title: str, rows: Iterable[Sequence[str]], width: int | None = 
     terminal's) breaks its best cells' metric names after their ``/`` and ``_``, as the
     trials table's headers do, and wraps each column between words where they fit."""
     rows = [list(row) for row in rows]
-    widths = _wrapped_widths([SWEEPS_COLUMNS, *rows], width) if width else None
+    widths = _wrapped_widths([SWEEPS_COLUMNS, *rows], width, first_whole=True) if width else None
     if widths is None and width:
         for row in rows:
             row[-1] = _break_after_separators(row[-1], width=11)
-        widths = _wrapped_widths([SWEEPS_COLUMNS, *rows], width)
+        widths = _wrapped_widths([SWEEPS_COLUMNS, *rows], width, first_whole=True)
     table = Table(title=title)
     name_width = max((len(row[0]) for row in rows), default=4)
     table.add_column(SWEEPS_COLUMNS[0], no_wrap=True, min_width=name_width)
@@ -171,18 +171,21 @@ def sweeps_table(title: str, rows: Iterable[Sequence[str]], width: int | None = 
     return table
 
 
-def _wrapped_widths(rows: Sequence[Sequence[str]], width: int) -> list[int | None] | None:
-    """Column widths for `rows` (the first column never wrapped) in a bordered table of at
-    most `width` characters that breaks lines only between words: all None where the rows
-    fit unwrapped; else each column's longest word, plus an even share of the room left (at
-    most what its longest line needs more, the rest to the others); None where the words do
-    not fit.
+def _wrapped_widths(
+    rows: Sequence[Sequence[str]], width: int, *, first_whole: bool = False
+) -> list[int | None] | None:
+    """Column widths for `rows` (the first column never wrapped if `first_whole`) in a
+    bordered table of at most `width` characters that breaks lines only between words: all
+    None where the rows fit unwrapped; else each column's longest word, plus an even share of
+    the room left (at most what its longest line needs more, the rest to the others); None
+    where the words do not fit.
     (Rich's own narrowing shares the shortfall evenly, and folds a word it could keep.)"""
     columns = list(zip(*rows, strict=True))
     lines = [[line for cell in column for line in cell.splitlines()] for column in columns]
     longest = [max(map(len, column)) for column in lines]
     words = [max(len(word) for line in column for word in line.split()) for column in lines]
-    words[0] = longest[0]
+    if first_whole:
+        words[0] = longest[0]
     room = width - (3 * len(columns) + 1) - sum(words)  # borders and padding take the rest
     if room >= sum(longest) - sum(words):
         return [None] * len(columns)
@@ -245,13 +248,16 @@ def comparison_markdown(rows: Sequence[Sequence[str]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_table(rows: Sequence[Sequence[str]], title: str) -> Table:
-    """`rows` from :func:`comparison_rows` as a terminal table."""
+def comparison_table(rows: Sequence[Sequence[str]], title: str, width: int | None = None) -> Table:
+    """`rows` from :func:`comparison_rows` as a terminal table; at `width` columns (a
+    terminal's) it wraps between words where they fit."""
     header, *body = rows
+    widths = _wrapped_widths(rows, width) if width else None
     table = Table(title=title)
     for index, column in enumerate(header):
         justify = "left" if index == 0 else "right"
-        table.add_column(column, justify=justify, overflow="fold")  # folded, never cut short
+        # a word longer than its column folds, never cut short
+        table.add_column(column, justify=justify, overflow="fold", width=widths and widths[index])
     for row in body:
         table.add_row(*row)
     return table
