@@ -45,6 +45,15 @@ def test_train_writes_metrics_and_checkpoint(runner, tmp_path):
     assert state["epoch"] == 2
     assert state["config"]["model"]["exits"] == [2, 4]
     assert "exit" in result.output and "ensemble" in result.output
+    assert "2 epochs on cpu" in result.output and "after 2 epochs" in result.output
+
+
+def test_train_of_one_epoch_says_epoch(runner, tmp_path):
+    config = write(tmp_path, TINY.replace("epochs: 2", "epochs: 1"))
+    result = runner.invoke(main, ["train", "--config", config, "--output", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "1 epoch on cpu" in result.output and "after 1 epoch" in result.output
+    assert "epochs" not in result.output
 
 
 DIGITS_KIND = """

@@ -9,7 +9,7 @@ import click
 from orchestrator.cli.options import Command, fail_on_input_errors, on_interrupt
 from orchestrator.entities.names import METRICS_FILE
 from orchestrator.entities.space import is_space_file, parse_space
-from orchestrator.rendering.console import console, epoch_progress, exit_table
+from orchestrator.rendering.console import console, counted, epoch_progress, exit_table
 from trainer.config import ConfigError, parse_job_file, read_yaml
 
 __all__ = ["train", "validate"]
@@ -41,11 +41,12 @@ def train(config_path: str, output: str | None) -> None:
         job, out_dir = training.prepare_job(cfg, out)
         console.print(
             f"[bold]{cfg.loss.kind}[/] on {cfg.dataset.name}: {cfg.model.arch}, exits "
-            f"{cfg.model.exits}, {cfg.train.epochs} epochs on {job.device}"
+            f"{cfg.model.exits}, {counted(cfg.train.epochs, 'epoch')} on {job.device}"
         )
         with epoch_progress(cfg.train.epochs, job.epoch, cfg.num_exits) as show:
             final = training.train(job, out_dir, on_epoch=show)
-    console.print(exit_table(final, cfg.num_exits, title=f"{config_path} after {job.epoch} epochs"))
+    title = f"{config_path} after {counted(job.epoch, 'epoch')}"
+    console.print(exit_table(final, cfg.num_exits, title=title))
     console.print(f"wrote {out_dir / METRICS_FILE} and {out_dir / 'checkpoint.pt'}")
 
 

@@ -27,7 +27,7 @@ from orchestrator.entities.credentials import mask
 from orchestrator.entities.env import RAY_ADDRESS, STUDY_STORAGE, TRACKING_URI
 from orchestrator.entities.names import LOG_FILE, REPORT_FILE
 from orchestrator.entities.sweep import SweepRecord, sweep_name_for
-from orchestrator.rendering.console import console
+from orchestrator.rendering.console import console, counted
 
 __all__ = ["compare", "launch", "promote", "report", "resume", "status"]
 
@@ -257,7 +257,7 @@ def promote(
     cfg, number = promotion.final_job_config(record, epochs, rule, register)
     say(
         f"promoting trial {number} of {name} ({rule.describe(search)}): "
-        f"{cfg.train.epochs} epochs on train+val"
+        f"{counted(cfg.train.epochs, 'epoch')} on train+val"
     )
     _say_log_path(record.directory / LOG_FILE, verbose)
     with (

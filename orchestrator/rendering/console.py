@@ -14,6 +14,11 @@ from trainer import metrics as M
 console = Console()
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: `count` and `noun`, plural unless `count` is 1."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 @contextmanager
 def epoch_progress(
     total: int, completed: int, num_exits: int

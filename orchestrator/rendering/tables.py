@@ -15,6 +15,7 @@ import optuna
 from rich.table import Table
 
 from orchestrator.entities.names import EPOCHS_ATTR
+from orchestrator.rendering.console import counted
 from orchestrator.selection.groups import GroupSummary, Verdict
 from orchestrator.selection.trials import (
     best_trial,
@@ -75,7 +76,7 @@ def best_summary(study: optuna.Study) -> str:
         if not pareto:
             return "Pareto set: no finished trial yet"
         numbers = ", ".join(str(t.number) for t in pareto)
-        return f"Pareto set of {len(pareto)} trial{'s' if len(pareto) > 1 else ''}: {numbers}"
+        return f"Pareto set of {counted(len(pareto), 'trial')}: {numbers}"
     best = best_trial(study)
     name = objective_names(study)[0]
     if best is None:
