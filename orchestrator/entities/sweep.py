@@ -20,6 +20,7 @@ from typing import Self
 
 from orchestrator.entities.credentials import mask, remember, reveal
 from orchestrator.entities.env import STUDY_STORAGE, SWEEP_STORAGE, TRACKING_URI
+from orchestrator.entities.errors import first_line
 from orchestrator.entities.names import RECORD_FILE, SPACE_COPY, STUDY_FILE
 from orchestrator.entities.space import SpaceSpec, load_space
 from trainer.config import ConfigError
@@ -125,8 +126,7 @@ class SweepRecord(_StoreUrls):
             stored = json.loads(path.read_text())
             cls(**stored)  # every field there, no unknown one
         except (OSError, ValueError, TypeError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"{path} is damaged ({reason})") from None
+            raise ConfigError(f"{path} is damaged ({first_line(err)})") from None
         if stored["storage_path"] != str(here):
             stored = _found_in(stored, here)
         full_urls = list(full_urls)

@@ -12,7 +12,7 @@ import ray
 from ray._private import ray_constants
 from ray._private.services import canonicalize_bootstrap_address_or_die
 
-from orchestrator.entities.errors import ClusterUnavailable
+from orchestrator.entities.errors import ClusterUnavailable, first_line
 from orchestrator.entities.names import LOCAL_HOST
 from orchestrator.stores.preflight import CONNECT_TIMEOUT_S, error_reason
 from trainer.config import ConfigError
@@ -59,14 +59,10 @@ def init_ray(
         ray_constants.ENABLE_RAY_CLUSTER = cluster_enabled
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _start_failure(err: Exception) -> str:
     """One line on why a local Ray did not start: Ray's reason, with the way out where it is
     a temp dir too deep for the unix sockets Ray puts there."""
-    reason = _first_line(err)
+    reason = first_line(err)
     advice = "; set RAY_TMPDIR to a shorter directory" if "AF_UNIX path length" in reason else ""
     return f"a local Ray did not start: {reason}{advice}"
 
@@ -77,7 +73,7 @@ def join_ray(address: str) -> None:
     try:
         init_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"cannot join the Ray cluster at {address}: {_first_line(err)}") from None
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {first_line(err)}") from None
 
 
 def _host_port(address: str) -> tuple[str, int]:

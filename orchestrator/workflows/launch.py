@@ -27,7 +27,6 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.entities.credentials import mask, remember
-from orchestrator.entities.errors import ClusterUnavailable
 from orchestrator.entities.names import RECORD_FILE, STUDY_FILE, SWEEP_TAG
 from orchestrator.entities.space import SpaceSpec, grid_size, sweep_params
 from orchestrator.entities.sweep import DEFAULT_STORAGE, SweepRecord
@@ -75,7 +74,7 @@ def prepare(
     lock, start a local Ray (if no `address`); yields the sweep's record, for :func:`launch`
     within the block, which holds the lock. Raises ConfigError before Ray starts (or,
     joining a cluster, before anything is recorded); ClusterUnavailable when a local Ray
-    does not start. A local Ray that does not start, or Ctrl-C while it starts, leaves no
+    does not start. Whatever stops a local Ray starting (its refusal, Ctrl-C) leaves no
     sweep directory that was not there before."""
     preflight.check_name(name, "--name")
     storage = preflight.check_writable_dir(storage_path, "--storage")
@@ -110,7 +109,7 @@ def prepare(
         if address is None:
             try:
                 init_ray(num_gpus=gpus)
-            except (ClusterUnavailable, KeyboardInterrupt):
+            except BaseException:  # Ray's refusal, Ctrl-C, anything that stops it starting
                 if new_directory:  # it holds only the lock: the launch leaves no trace
                     shutil.rmtree(directory)
                 raise
